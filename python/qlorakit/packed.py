@@ -1,0 +1,165 @@
+"""``PackedWeight``: a 4-bit quantized tensor and its bitsandbytes serialization.
+
+The tensors a packed checkpoint stores for one weight ``X.weight`` (bitsandbytes'
+``QuantState.as_dict(packed=True)`` layout)::
+
+    X.weight                               uint8 [(n+1)//2, 1]  two codes per byte, first high
+    X.weight.absmax                        uint8 [blocks]   nested codes (float32 without double quant)
+    X.weight.quant_map                     float32 [16]     the NF4/FP4 table
+    X.weight.nested_absmax                 float32 [ceil(blocks/256)]    (double quant only)
+    X.weight.nested_quant_map              float32 [256]    dynamic map (double quant only)
+    X.weight.quant_state.bitsandbytes__nf4 uint8 [k]        UTF-8 JSON of the options
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from qlorakit._core import QuantizationError
+from qlorakit.formats import (
+    NESTED_BLOCKSIZE,
+    QUANT_TYPES,
+    code_table,
+    dtype_from_name,
+    dtype_name,
+    dynamic_map,
+)
+
+_QUANT_STATE_PREFIX = "quant_state.bitsandbytes__"
+
+
+@dataclass
+class PackedWeight:
+    """A blockwise 4-bit tensor.
+
+    ``packed`` holds the codes as uint8 ``[(numel+1)//2, 1]``. Without double
+    quantization ``absmax`` is float32 ``[blocks]``; with it, ``absmax`` holds uint8
+    codes of the dynamic map, ``nested_absmax`` float32 ``[ceil(blocks/256)]`` scales and
+    ``offset`` the mean that was subtracted. ``dtype`` and ``shape`` are those of the
+    original tensor.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    quant_type: str
+    blocksize: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nested_absmax: Optional[torch.Tensor] = None
+    offset: Optional[float] = None
+    nested_dtype: torch.dtype = torch.float32
+    quant_storage: torch.dtype = torch.uint8
+
+    @property
+    def double_quant(self) -> bool:
+        """Whether the block scales are double-quantized."""
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the original tensor."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed codes and scales (excluding the constant tables)."""
+        total = self.packed.numel() * self.packed.element_size() + self.absmax.numel() * self.absmax.element_size()
+        if self.nested_absmax is not None:
+            total += self.nested_absmax.numel() * 4 + 4
+        return total
+
+    def quant_state_json(self) -> dict:
+        """The quant_state dictionary bitsandbytes serializes, keys in its order."""
+        state: dict = {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "dtype": dtype_name(self.dtype),
+            "shape": list(self.shape),
+        }
+        if self.double_quant:
+            state["nested_blocksize"] = NESTED_BLOCKSIZE
+            state["nested_dtype"] = dtype_name(self.nested_dtype)
+            state["nested_offset"] = float(self.offset)  # type: ignore[arg-type]
+        return state
+
+    def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
+        """The tensors a packed checkpoint stores, under bitsandbytes' key names."""
+        packed = self.packed
+        if self.quant_storage != torch.uint8:
+            packed = packed.reshape(-1).view(self.quant_storage).unsqueeze(1)
+        tensors = {
+            prefix: packed,
+            f"{prefix}.absmax": self.absmax,
+            f"{prefix}.quant_map": code_table(self.quant_type),
+        }
+        if self.nested_absmax is not None:
+            tensors[f"{prefix}.nested_absmax"] = self.nested_absmax
+            tensors[f"{prefix}.nested_quant_map"] = dynamic_map()
+        state_json = json.dumps(self.quant_state_json()).encode("utf-8")
+        key = f"{prefix}.{_QUANT_STATE_PREFIX}{self.quant_type}"
+        tensors[key] = torch.frombuffer(bytearray(state_json), dtype=torch.uint8)
+        return tensors
+
+    @classmethod
+    def from_state_dict(cls, tensors: Mapping[str, torch.Tensor], prefix: str = "weight") -> PackedWeight:
+        """Reads the tensors of :meth:`state_dict` back — also ones bitsandbytes wrote."""
+        state_keys = [k for k in tensors if k.startswith(f"{prefix}.{_QUANT_STATE_PREFIX}")]
+        if len(state_keys) != 1:
+            raise QuantizationError(
+                f"{prefix}: expected exactly one '{prefix}.{_QUANT_STATE_PREFIX}nf4|fp4' tensor, "
+                f"found {len(state_keys)}"
+            )
+        raw = tensors[state_keys[0]]
+        try:
+            state = json.loads(bytes(raw.cpu().to(torch.uint8).numpy().tobytes()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise QuantizationError(f"{state_keys[0]}: quant_state is not valid JSON: {exc}") from exc
+
+        def need(key: str) -> torch.Tensor:
+            if key not in tensors:
+                raise QuantizationError(f"{prefix}: missing tensor {key!r}")
+            return tensors[key]
+
+        quant_type = state.get("quant_type")
+        if quant_type not in QUANT_TYPES or not state_keys[0].endswith(quant_type):
+            raise QuantizationError(f"{state_keys[0]}: unsupported quant_type {quant_type!r}")
+        packed = need(prefix)
+        quant_storage = packed.dtype
+        packed_u8 = packed.reshape(-1).view(torch.uint8).unsqueeze(1)
+        shape = tuple(int(d) for d in state["shape"])
+        numel = math.prod(shape)
+        if packed_u8.shape[0] != (numel + 1) // 2:
+            raise QuantizationError(
+                f"{prefix}: packed data holds {packed_u8.shape[0]} bytes, shape {list(shape)} needs {(numel + 1) // 2}"
+            )
+        nested = "nested_offset" in state
+        weight = cls(
+            packed=packed_u8,
+            absmax=need(f"{prefix}.absmax"),
+            quant_type=quant_type,
+            blocksize=int(state["blocksize"]),
+            shape=shape,
+            dtype=dtype_from_name(state["dtype"]),
+            nested_absmax=need(f"{prefix}.nested_absmax").float() if nested else None,
+            offset=float(state["nested_offset"]) if nested else None,
+            nested_dtype=dtype_from_name(state.get("nested_dtype", "float32")),
+            quant_storage=quant_storage,
+        )
+        weight._check_tables(tensors, prefix)
+        return weight
+
+    def _check_tables(self, tensors: Mapping[str, torch.Tensor], prefix: str) -> None:
+        """Refuses files whose code tables differ from ours (they would decode differently)."""
+        expected = {f"{prefix}.quant_map": code_table(self.quant_type)}
+        if self.double_quant:
+            expected[f"{prefix}.nested_quant_map"] = dynamic_map()
+        for key, table in expected.items():
+            stored = tensors.get(key)
+            if stored is None or not torch.equal(stored.float().cpu(), table):
+                raise QuantizationError(f"{key}: missing or not the standard {key.rsplit('.', 1)[-1]} table")

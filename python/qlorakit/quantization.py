@@ -1,0 +1,155 @@
+"""``quantize`` / ``dequantize``: blockwise NF4/FP4 with double quantization on the CPU.
+
+The work is done by the Rust core (multithreaded, GIL released) directly on the
+memory of the given tensor or array; nothing is copied on the way in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from qlorakit import _core
+from qlorakit._core import QuantizationError
+from qlorakit._native import ArrayLike, as_tensor, byte_view, element_dtype_name
+from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPES
+from qlorakit.packed import PackedWeight
+
+
+def _check_options(quant_type: str, blocksize: int) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise QuantizationError(f"unsupported quant_type {quant_type!r}; expected 'nf4' or 'fp4'")
+    if blocksize not in BLOCKSIZES:
+        raise QuantizationError(f"unsupported blocksize {blocksize}; expected one of {list(BLOCKSIZES)}")
+
+
+def quantize(
+    x: ArrayLike,
+    quant_type: str = "nf4",
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    double_quant: bool = True,
+    *,
+    out: Optional[PackedWeight] = None,
+) -> PackedWeight:
+    """Quantizes ``x`` (float32/bfloat16/float16 torch tensor, or float32/float16 numpy
+    array; contiguous, on the CPU) blockwise to 4 bits.
+
+    Output bytes equal bitsandbytes' ``quantize_4bit`` on the same input (see README).
+    ``out``: a ``PackedWeight`` of the same layout whose buffers are reused, which
+    avoids fresh allocations when quantizing many tensors of one shape.
+
+    Raises :class:`~qlorakit.errors.NonFiniteError` on NaN/Inf and
+    :class:`~qlorakit.errors.QuantizationError` on any other invalid input.
+    """
+    _check_options(quant_type, blocksize)
+    tensor = as_tensor(x)
+    dtype = element_dtype_name(tensor, "input")
+    n = tensor.numel()
+    if n == 0:
+        raise QuantizationError("input: cannot quantize an empty tensor")
+    blocks = math.ceil(n / blocksize)
+    if out is None:
+        out = _empty_packed(tuple(tensor.shape), tensor.dtype, quant_type, blocksize, double_quant)
+    elif (out.shape, out.quant_type, out.blocksize, out.double_quant) != (
+        tuple(tensor.shape),
+        quant_type,
+        blocksize,
+        double_quant,
+    ):
+        raise QuantizationError("out: PackedWeight layout does not match the input and options")
+    out.dtype = tensor.dtype
+    absmax = torch.empty(blocks, dtype=torch.float32) if double_quant else out.absmax
+    _core.quantize_4bit(
+        byte_view(tensor, "input"), dtype, quant_type, blocksize, byte_view(out.packed, "packed"), byte_view(absmax, "absmax")
+    )
+    if double_quant:
+        assert out.nested_absmax is not None
+        out.offset = _core.double_quantize(
+            byte_view(absmax, "absmax"), byte_view(out.absmax, "nested codes"), byte_view(out.nested_absmax, "nested scales")
+        )
+    return out
+
+
+def _empty_packed(
+    shape: tuple[int, ...], dtype: torch.dtype, quant_type: str, blocksize: int, double_quant: bool
+) -> PackedWeight:
+    n = math.prod(shape)
+    blocks = math.ceil(n / blocksize)
+    return PackedWeight(
+        packed=torch.empty(((n + 1) // 2, 1), dtype=torch.uint8),
+        absmax=torch.empty(blocks, dtype=torch.uint8 if double_quant else torch.float32),
+        quant_type=quant_type,
+        blocksize=blocksize,
+        shape=shape,
+        dtype=dtype,
+        nested_absmax=torch.empty(math.ceil(blocks / NESTED_BLOCKSIZE), dtype=torch.float32) if double_quant else None,
+        offset=0.0 if double_quant else None,
+    )
+
+
+def decode_absmax(packed: PackedWeight) -> torch.Tensor:
+    """The float32 block scales as the decoder uses them.
+
+    With double quantization: ``map[code] * scale`` rounded to float32, then ``+ offset``
+    rounded again (no fused multiply-add), as bitsandbytes' ``dequantize_4bit`` does.
+    """
+    if packed.nested_absmax is None:
+        return packed.absmax.float().contiguous()
+    if packed.nested_dtype != torch.float32:
+        return _decode_absmax_low_precision(packed)
+    out = torch.empty(packed.absmax.numel(), dtype=torch.float32)
+    _core.dequantize_absmax(
+        byte_view(packed.absmax.contiguous(), "nested codes"),
+        byte_view(packed.nested_absmax.float().contiguous(), "nested scales"),
+        float(packed.offset),  # type: ignore[arg-type]
+        byte_view(out, "absmax out"),
+    )
+    return out
+
+
+def _decode_absmax_low_precision(packed: PackedWeight) -> torch.Tensor:
+    """Scales of a file that records a non-float32 ``nested_dtype`` (bitsandbytes writes
+    ``"bfloat16"`` after a CPU inference pass): bitsandbytes decodes the nested level to
+    that dtype, adds the offset in it, then widens to float32; we do the same."""
+    from qlorakit.formats import dynamic_map
+
+    assert packed.nested_absmax is not None and packed.offset is not None
+    codes = packed.absmax.long()
+    scales = packed.nested_absmax.float().repeat_interleave(NESTED_BLOCKSIZE)[: codes.numel()]
+    decoded = (dynamic_map()[codes] * scales).to(packed.nested_dtype)
+    return (decoded + torch.tensor(packed.offset, dtype=torch.float32)).float()
+
+
+def dequantize(
+    packed: PackedWeight,
+    dtype: Optional[torch.dtype] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Decodes ``packed`` to a tensor of its original shape.
+
+    ``dtype``: float32, bfloat16 or float16 (default: the original dtype). ``out``: a
+    contiguous CPU tensor of that shape and dtype to write into (reused buffers are much
+    faster than fresh allocations). Each element is ``code * absmax`` in float32,
+    rounded once to ``dtype`` — equal to bitsandbytes' ``dequantize_4bit``.
+    """
+    dtype = dtype or (out.dtype if out is not None else packed.dtype)
+    if out is None:
+        out = torch.empty(packed.shape, dtype=dtype)
+    elif out.dtype != dtype or tuple(out.shape) != tuple(packed.shape):
+        raise QuantizationError(
+            f"out: expected shape {list(packed.shape)} and dtype {dtype}, got {list(out.shape)} {out.dtype}"
+        )
+    dtype_name = element_dtype_name(out, "out")
+    absmax = decode_absmax(packed)
+    _core.dequantize_4bit(
+        byte_view(packed.packed.contiguous(), "packed"),
+        byte_view(absmax, "absmax"),
+        packed.quant_type,
+        packed.blocksize,
+        byte_view(out, "out"),
+        dtype_name,
+    )
+    return out

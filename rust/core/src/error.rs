@@ -1,0 +1,34 @@
+//! Typed errors of the quantization core.
+
+use thiserror::Error;
+
+/// Everything that can go wrong in the core. Each variant carries enough context
+/// (an element index, a length) for a caller to name the offending tensor entry.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum QuantError {
+    /// Blocksize outside the set bitsandbytes accepts for 4-bit quantization.
+    #[error("unsupported blocksize {0}; expected one of 32, 64, 128, 256, 512, 1024, 2048, 4096")]
+    UnsupportedBlocksize(usize),
+
+    /// A quantization type name that is neither `nf4` nor `fp4`.
+    #[error("unsupported quant_type {0:?}; expected \"nf4\" or \"fp4\"")]
+    UnsupportedQuantType(String),
+
+    /// A tensor with no elements cannot be quantized.
+    #[error("cannot quantize an empty tensor")]
+    Empty,
+
+    /// NaN or +-Inf at a flat (row-major) element index.
+    #[error("non-finite value {value} at flat element index {index}")]
+    NonFinite { index: usize, value: f32 },
+
+    /// An input or output buffer whose length does not match what the operation needs.
+    #[error("{what} has {actual} elements, expected {expected}")]
+    LengthMismatch {
+        what: &'static str,
+        expected: usize,
+        actual: usize,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, QuantError>;

@@ -1,0 +1,31 @@
+//! qlorakit-core: NF4/FP4 blockwise 4-bit quantization with double quantization of the
+//! block scales, bit-exact with bitsandbytes' CPU backend. Plain Rust, no Python.
+//!
+//! The slice functions ([`quantize_4bit`], [`dequantize_4bit`], [`double_quantize`],
+//! [`dequantize_absmax`]) write into caller-provided buffers so hot callers can reuse
+//! memory; [`PackedTensor`] bundles them for convenience.
+
+mod dispatch;
+
+pub mod codebook;
+pub mod dequantize;
+pub mod double_quant;
+pub mod dynamic_map;
+pub mod element;
+pub mod encode;
+pub mod error;
+pub mod layout;
+pub mod mean;
+pub mod packed;
+pub mod quantize;
+
+pub use codebook::{Codebook, QuantType, FP4, FP4_CODE_BITS, NF4, NF4_CODE_BITS};
+pub use dequantize::{dequantize_4bit, dequantize_4bit_reference};
+pub use double_quant::{dequantize_absmax, double_quantize};
+pub use dynamic_map::{dynamic_map, DYNAMIC_MAP_BITS};
+pub use element::Element;
+pub use encode::Encoder;
+pub use error::{QuantError, Result};
+pub use layout::{Blocksize, BLOCKSIZES, DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE};
+pub use packed::{Absmax, PackedTensor};
+pub use quantize::{quantize_4bit, quantize_4bit_reference, quantize_4bit_with};

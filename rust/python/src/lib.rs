@@ -1,0 +1,252 @@
+//! Thin PyO3 bindings: type conversion, error mapping and GIL release around the core.
+//!
+//! Arrays cross as Python buffers (numpy arrays or memoryviews) of raw bytes plus a
+//! dtype name; the Python package (`qlorakit/_native.py`) makes those zero-copy views
+//! of numpy arrays and torch tensors. Every buffer is checked here for C-contiguity,
+//! writability, length and alignment before Rust touches it.
+
+use half::{bf16, f16};
+use pyo3::buffer::PyBuffer;
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use qlorakit_core::{self as core, Blocksize, Element, QuantError, QuantType};
+
+create_exception!(
+    _core,
+    QlorakitError,
+    PyException,
+    "Base class of qlorakit's errors."
+);
+create_exception!(
+    _core,
+    QuantizationError,
+    QlorakitError,
+    "Invalid input to (de)quantization."
+);
+create_exception!(
+    _core,
+    NonFiniteError,
+    QuantizationError,
+    "The tensor holds NaN or Inf (bitsandbytes would silently encode it; qlorakit refuses)."
+);
+
+fn to_py_err(err: QuantError) -> PyErr {
+    match err {
+        QuantError::NonFinite { .. } => NonFiniteError::new_err(err.to_string()),
+        other => QuantizationError::new_err(other.to_string()),
+    }
+}
+
+fn parse_quant_type(name: &str) -> PyResult<QuantType> {
+    name.parse().map_err(to_py_err)
+}
+
+fn parse_blocksize(size: usize) -> PyResult<Blocksize> {
+    Blocksize::new(size).map_err(to_py_err)
+}
+
+/// Checks that a buffer can be viewed as C-contiguous, aligned elements of `T`;
+/// returns its start and element count.
+fn checked_layout<T>(
+    buffer: &PyBuffer<u8>,
+    what: &str,
+    writable: bool,
+) -> PyResult<(*mut T, usize)> {
+    if !buffer.is_c_contiguous() {
+        return Err(QuantizationError::new_err(format!(
+            "{what} must be C-contiguous"
+        )));
+    }
+    if writable && buffer.readonly() {
+        return Err(QuantizationError::new_err(format!(
+            "{what} must be writable"
+        )));
+    }
+    let bytes = buffer.len_bytes();
+    let ptr = buffer.buf_ptr();
+    let size = std::mem::size_of::<T>();
+    if !bytes.is_multiple_of(size) || !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        return Err(QuantizationError::new_err(format!(
+            "{what} is not a whole, aligned array of {size}-byte elements"
+        )));
+    }
+    Ok((ptr as *mut T, bytes / size))
+}
+
+/// A read-only view of a buffer as `&[T]`.
+fn view<'a, T>(buffer: &'a PyBuffer<u8>, what: &str) -> PyResult<&'a [T]> {
+    let (ptr, len) = checked_layout::<T>(buffer, what, false)?;
+    // SAFETY: the buffer is C-contiguous, aligned for T, holds `len` elements and stays
+    // alive (held by `buffer`) for 'a; T is a plain float or byte type valid for any
+    // bits. Callers must not resize or mutate it from another thread during the call.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+/// A writable view of a buffer as `&mut [T]`.
+fn view_mut<'a, T>(buffer: &'a mut PyBuffer<u8>, what: &str) -> PyResult<&'a mut [T]> {
+    let (ptr, len) = checked_layout::<T>(buffer, what, true)?;
+    // SAFETY: as in `view`, and the buffer is writable; `ensure_disjoint` rules out
+    // aliasing with the call's other buffers.
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+}
+
+/// Refuses calls whose output buffer overlaps another buffer of the same call.
+fn ensure_disjoint(output: &PyBuffer<u8>, others: &[&PyBuffer<u8>]) -> PyResult<()> {
+    let span = |b: &PyBuffer<u8>| {
+        let start = b.buf_ptr() as usize;
+        (start, start + b.len_bytes())
+    };
+    let (start, end) = span(output);
+    for other in others {
+        let (other_start, other_end) = span(other);
+        if start < other_end && other_start < end {
+            return Err(QuantizationError::new_err(
+                "an output buffer overlaps another argument's memory",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` on the input and output views typed as `dtype`, without the GIL.
+macro_rules! with_dtype {
+    ($py:expr, $dtype:expr, $view:ident($buf:expr, $what:expr), |$slice:ident| $body:expr) => {
+        match $dtype {
+            "float32" => {
+                let $slice = $view::<f32>($buf, $what)?;
+                $py.detach(|| $body)
+            }
+            "bfloat16" => {
+                let $slice = $view::<bf16>($buf, $what)?;
+                $py.detach(|| $body)
+            }
+            "float16" => {
+                let $slice = $view::<f16>($buf, $what)?;
+                $py.detach(|| $body)
+            }
+            other => {
+                return Err(QuantizationError::new_err(format!(
+                    "unsupported dtype {other:?}; expected float32, bfloat16 or float16"
+                )))
+            }
+        }
+    };
+}
+
+/// Quantize `input` (bytes of `dtype` elements) into `packed` (uint8) and `absmax` (float32).
+#[pyfunction]
+#[pyo3(signature = (input, dtype, quant_type, blocksize, packed, absmax))]
+fn quantize_4bit(
+    py: Python<'_>,
+    input: PyBuffer<u8>,
+    dtype: &str,
+    quant_type: &str,
+    blocksize: usize,
+    mut packed: PyBuffer<u8>,
+    mut absmax: PyBuffer<u8>,
+) -> PyResult<()> {
+    let quant_type = parse_quant_type(quant_type)?;
+    let blocksize = parse_blocksize(blocksize)?;
+    ensure_disjoint(&packed, &[&input, &absmax])?;
+    ensure_disjoint(&absmax, &[&input])?;
+    let packed = view_mut::<u8>(&mut packed, "packed")?;
+    let absmax = view_mut::<f32>(&mut absmax, "absmax")?;
+    with_dtype!(py, dtype, view(&input, "input"), |values| {
+        core::quantize_4bit(values, quant_type, blocksize, packed, absmax)
+    })
+    .map_err(to_py_err)
+}
+
+/// Dequantize `packed` with float32 `absmax` into `out` (bytes of `dtype` elements).
+#[pyfunction]
+#[pyo3(signature = (packed, absmax, quant_type, blocksize, out, dtype))]
+fn dequantize_4bit(
+    py: Python<'_>,
+    packed: PyBuffer<u8>,
+    absmax: PyBuffer<u8>,
+    quant_type: &str,
+    blocksize: usize,
+    mut out: PyBuffer<u8>,
+    dtype: &str,
+) -> PyResult<()> {
+    let quant_type = parse_quant_type(quant_type)?;
+    let blocksize = parse_blocksize(blocksize)?;
+    ensure_disjoint(&out, &[&packed, &absmax])?;
+    let packed = view::<u8>(&packed, "packed")?;
+    let absmax = view::<f32>(&absmax, "absmax")?;
+    with_dtype!(py, dtype, view_mut(&mut out, "out"), |values| {
+        core::dequantize_4bit(packed, absmax, quant_type, blocksize, values)
+    })
+    .map_err(to_py_err)
+}
+
+/// Double-quantize float32 `absmax` into `codes` (uint8) and `scales` (float32); returns the offset.
+#[pyfunction]
+fn double_quantize(
+    py: Python<'_>,
+    absmax: PyBuffer<u8>,
+    mut codes: PyBuffer<u8>,
+    mut scales: PyBuffer<u8>,
+) -> PyResult<f32> {
+    ensure_disjoint(&codes, &[&absmax, &scales])?;
+    ensure_disjoint(&scales, &[&absmax])?;
+    let absmax = view::<f32>(&absmax, "absmax")?;
+    let codes = view_mut::<u8>(&mut codes, "nested codes")?;
+    let scales = view_mut::<f32>(&mut scales, "nested scales")?;
+    py.detach(|| core::double_quantize(absmax, codes, scales))
+        .map_err(to_py_err)
+}
+
+/// Rebuild float32 absmax into `out` from nested `codes`, `scales` and `offset`.
+#[pyfunction]
+fn dequantize_absmax(
+    py: Python<'_>,
+    codes: PyBuffer<u8>,
+    scales: PyBuffer<u8>,
+    offset: f32,
+    mut out: PyBuffer<u8>,
+) -> PyResult<()> {
+    ensure_disjoint(&out, &[&codes, &scales])?;
+    let codes = view::<u8>(&codes, "nested codes")?;
+    let scales = view::<f32>(&scales, "nested scales")?;
+    let out = view_mut::<f32>(&mut out, "absmax out")?;
+    py.detach(|| core::dequantize_absmax(codes, scales, offset, out))
+        .map_err(to_py_err)
+}
+
+/// Mean of float32 `values` in torch's single-thread summation order (the offset rule).
+#[pyfunction]
+fn torch_order_mean(values: PyBuffer<u8>) -> PyResult<f32> {
+    let values = view::<f32>(&values, "values")?;
+    Ok(core::mean::torch_mean(values))
+}
+
+fn code_values(bits: &[u32]) -> Vec<f32> {
+    bits.iter().map(|&b| f32::from_bits(b)).collect()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("QlorakitError", py.get_type::<QlorakitError>())?;
+    m.add("QuantizationError", py.get_type::<QuantizationError>())?;
+    m.add("NonFiniteError", py.get_type::<NonFiniteError>())?;
+    m.add("NF4_CODE", code_values(&core::NF4_CODE_BITS))?;
+    m.add("FP4_CODE", code_values(&core::FP4_CODE_BITS))?;
+    m.add("DYNAMIC_MAP", code_values(&core::DYNAMIC_MAP_BITS))?;
+    m.add("BLOCKSIZES", core::BLOCKSIZES.to_vec())?;
+    m.add("DEFAULT_BLOCKSIZE", core::DEFAULT_BLOCKSIZE)?;
+    m.add("NESTED_BLOCKSIZE", core::NESTED_BLOCKSIZE)?;
+    m.add(
+        "ELEMENT_DTYPES",
+        [f32::NAME, bf16::NAME, f16::NAME].to_vec(),
+    )?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(double_quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_absmax, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_order_mean, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,413 @@
+"""CPU benchmark: qlorakit NF4 quantize/dequantize vs bitsandbytes, torchao and a memory copy.
+
+Run from the repository root with the dev venv active::
+
+    source /work/devenv/bin/activate
+    python tools/bench_quantize.py                  # 4096x4096 and 11008x4096 bf16, best of 5 (2 for slow libs)
+    python tools/bench_quantize.py --threads 2      # pin qlorakit (rayon) and torch/OpenMP to 2 threads
+    python tools/bench_quantize.py --quick          # 1024x1024, best of 2: a smoke test
+    python tools/bench_quantize.py --shapes 4096x4096 8192x8192 --repeats 7 --slow-repeats 3
+
+All implementations see the same deterministic bf16 tensors (``torch.manual_seed``).
+Times are best-of-N wall clock. ``GB/s`` counts the bf16 tensor's bytes (2 B/param: the
+input of quantize, the output of dequantize) so every row compares with the copy row.
+The targets of the project issue are printed at the end with PASS/MISS: information
+only, this is a benchmark, not a test.
+
+``--threads`` must act before the libraries start their thread pools, so the arguments are
+parsed and the environment (RAYON_NUM_THREADS, OMP_NUM_THREADS) set before numpy, torch,
+qlorakit, bitsandbytes or torchao are imported; those imports therefore live in functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_SHAPES = ((4096, 4096), (11008, 4096))
+QUICK_SHAPES = ((1024, 1024),)
+BLOCKSIZE = 64
+SCALER_BLOCKSIZE = 256
+QUIET_LOGGERS = ("bitsandbytes", "bitsandbytes.backends.cpu.ops", "torch.utils._pytree")
+
+# Targets of the project issue (bf16 input, NF4, blocksize 64, double quant).
+TARGET_QUANT_MPARAMS = 1500.0  # >= 1.5 Gparam/s with 2 threads
+TARGET_QUANT_VS_BNB = 25.0  # ~25x bitsandbytes CPU quantize_4bit
+TARGET_DEQUANT_VS_BNB = 1.5  # >= 1.5x bitsandbytes CPU dequantize_4bit
+TARGET_THREADS = 2
+
+
+@dataclass
+class Result:
+    """One timed row of the table."""
+
+    op: str
+    impl: str
+    reps: int
+    seconds: float
+    numel: int
+
+    @property
+    def mparams(self) -> float:
+        return self.numel / self.seconds / 1e6
+
+    @property
+    def gbytes(self) -> float:
+        return 2 * self.numel / self.seconds / 1e9
+
+
+@dataclass
+class ShapeReport:
+    """All rows for one shape plus the anchors used for the ratios."""
+
+    shape: tuple[int, ...]
+    rows: list[tuple[Result, Result | None]]  # (row, its bitsandbytes anchor or None)
+    copy: Result
+    checks: list[str]
+
+    def find(self, impl_prefix: str, op: str) -> Result:
+        return next(r for r, _ in self.rows if r.op == op and r.impl.startswith(impl_prefix))
+
+
+# --------------------------------------------------------------------------- arguments / threads
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}; expected e.g. 4096x4096") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}; dimensions must be positive")
+    return dims
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None, help="threads for qlorakit (rayon) and torch/OpenMP")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        help="shapes such as 4096x4096 (space- or comma-separated); default: 4096x4096 11008x4096",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="best-of-N for the fast rows (default 5)")
+    parser.add_argument(
+        "--slow-repeats", type=int, default=2, help="best-of-N for bitsandbytes/torchao quantize (default 2)"
+    )
+    parser.add_argument("--quick", action="store_true", help="small smoke run: 1024x1024, best of 2")
+    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the inputs (default 0)")
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if args.repeats < 1 or args.slow_repeats < 1:
+        parser.error("--repeats and --slow-repeats must be >= 1")
+    if args.shapes:
+        args.shapes = [parse_shape(s) for item in args.shapes for s in item.split(",") if s]
+    else:
+        args.shapes = list(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    if args.quick:
+        args.repeats = min(args.repeats, 2)
+    args.slow_repeats = min(args.slow_repeats, args.repeats)
+    return args
+
+
+def configure_threads(threads: int | None) -> None:
+    """Sets the thread environment; must run before qlorakit/torch are imported."""
+    if threads is not None:
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    for name in QUIET_LOGGERS:  # bitsandbytes warns about the optional 'kernels' package on import
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def rayon_threads() -> tuple[int, str]:
+    """Threads rayon will use: RAYON_NUM_THREADS, else all available cores."""
+    env = os.environ.get("RAYON_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env), "RAYON_NUM_THREADS"
+    return len(os.sched_getaffinity(0)), "all available cores"
+
+
+# --------------------------------------------------------------------------- environment report
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def print_environment(threads: int | None) -> None:
+    import bitsandbytes
+    import numpy as np
+    import torch
+    import torchao
+
+    import qlorakit
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    n_rayon, source = rayon_threads()
+    print(f"CPU: {cpu_model()}; {len(os.sched_getaffinity(0))} cores available (os.cpu_count()={os.cpu_count()})")
+    print(
+        f"versions: python {platform.python_version()}, qlorakit {qlorakit.__version__}, torch {torch.__version__}, "
+        f"numpy {np.__version__}, bitsandbytes {bitsandbytes.__version__}, torchao {torchao.__version__}"
+    )
+    print(
+        f"threads: qlorakit (rayon) {n_rayon} [{source}], torch.get_num_threads() {torch.get_num_threads()}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}; numpy copy is single-threaded"
+    )
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def best_of(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, Any]:
+    """Best wall time of ``repeats`` calls after ``warmup`` untimed ones; also the last result."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def make_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.randn(shape, dtype=torch.float32).to(torch.bfloat16).contiguous()
+
+
+def warm_up_libraries() -> None:
+    """One small call per library so lazy initialization is not timed."""
+    import bitsandbytes.functional as bnb_f
+    from torchao.quantization import to_nf4
+
+    import qlorakit
+
+    x = make_input((256, 256), seed=1)
+    packed = qlorakit.quantize(x)
+    qlorakit.dequantize(packed)
+    codes, state = bnb_f.quantize_4bit(x, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
+    bnb_f.dequantize_4bit(codes, state)
+    to_nf4(x, block_size=BLOCKSIZE, scaler_block_size=SCALER_BLOCKSIZE)
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+def bench_copy(x: torch.Tensor, repeats: int) -> Result:
+    import numpy as np
+
+    src = x.view(torch_int16()).numpy().view(np.uint16)
+    dst = np.empty_like(src)
+    seconds, _ = best_of(lambda: np.copyto(dst, src), repeats)
+    assert np.array_equal(dst, src)
+    return Result("copy (bandwidth yardstick)", "numpy np.copyto, uint16 view", repeats, seconds, x.numel())
+
+
+def torch_int16() -> torch.dtype:
+    import torch
+
+    return torch.int16
+
+
+def bench_quantize(x: torch.Tensor, repeats: int, slow_repeats: int) -> tuple[list[tuple[Result, str]], Any, Any]:
+    """Quantize rows (tagged 'qk' or 'bnb' for the ratio), qlorakit's packed weight and bnb's output."""
+    import bitsandbytes.functional as bnb_f
+    from torchao.quantization import to_nf4
+
+    import qlorakit
+
+    n, op = x.numel(), "quantize nf4+dq"
+    out = qlorakit.quantize(x)
+    t_out, packed = best_of(lambda: qlorakit.quantize(x, "nf4", BLOCKSIZE, True, out=out), repeats)
+    t_fresh, _ = best_of(lambda: qlorakit.quantize(x, "nf4", BLOCKSIZE, True), repeats)
+    t_bnb, bnb_out = best_of(
+        lambda: bnb_f.quantize_4bit(x, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True),
+        slow_repeats,
+        warmup=0,
+    )
+    t_ao, _ = best_of(
+        lambda: to_nf4(x, block_size=BLOCKSIZE, scaler_block_size=SCALER_BLOCKSIZE), slow_repeats, warmup=0
+    )
+    rows = [
+        (Result(op, "qlorakit.quantize (out=, reused)", repeats, t_out, n), "qk"),
+        (Result(op, "qlorakit.quantize (fresh alloc)", repeats, t_fresh, n), "qk"),
+        (Result(op, "bitsandbytes quantize_4bit", slow_repeats, t_bnb, n), "bnb"),
+        (Result(op, f"torchao to_nf4 (scaler {SCALER_BLOCKSIZE})", slow_repeats, t_ao, n), "other"),
+    ]
+    return rows, packed, bnb_out
+
+
+def to_bnb(packed: Any) -> tuple[torch.Tensor, Any]:
+    """The same packed data as bitsandbytes' (codes, QuantState), via the serialized form."""
+    import torch
+    from bitsandbytes.functional import QuantState
+
+    tensors = packed.state_dict("weight")
+    state = {k.removeprefix("weight."): v for k, v in tensors.items() if k != "weight"}
+    return tensors["weight"], QuantState.from_dict(state, device=torch.device("cpu"))
+
+
+def bnb_dequantizer(codes: torch.Tensor, state: Any, out: torch.Tensor) -> tuple[Callable[[], Any], str]:
+    """bitsandbytes' dequantize_4bit, into ``out`` if this build supports it on the CPU."""
+    import bitsandbytes.functional as bnb_f
+
+    try:
+        bnb_f.dequantize_4bit(codes, state, out=out)
+        return (lambda: bnb_f.dequantize_4bit(codes, state, out=out)), "bitsandbytes dequantize_4bit (out=)"
+    except (NotImplementedError, RuntimeError):
+        label = "bitsandbytes dequantize_4bit (fresh; no CPU out=)"
+        return (lambda: bnb_f.dequantize_4bit(codes, state)), label
+
+
+def bench_dequantize(packed: Any, repeats: int) -> tuple[list[tuple[Result, str]], torch.Tensor, torch.Tensor]:
+    """Dequantize-to-bf16 rows on the same packed data, plus both outputs for the agreement check."""
+    import torch
+
+    import qlorakit
+
+    n, op = packed.numel, "dequantize -> bf16"
+    out = torch.empty(packed.shape, dtype=torch.bfloat16)
+    t_out, qk_result = best_of(lambda: qlorakit.dequantize(packed, torch.bfloat16, out=out), repeats)
+    t_fresh, _ = best_of(lambda: qlorakit.dequantize(packed, torch.bfloat16), repeats)
+    codes, state = to_bnb(packed)
+    bnb_fn, bnb_label = bnb_dequantizer(codes, state, torch.empty(packed.shape, dtype=torch.bfloat16))
+    t_bnb, bnb_result = best_of(bnb_fn, repeats)
+    rows = [
+        (Result(op, "qlorakit.dequantize (out=)", repeats, t_out, n), "qk"),
+        (Result(op, "qlorakit.dequantize (fresh alloc)", repeats, t_fresh, n), "qk"),
+        (Result(op, bnb_label, repeats, t_bnb, n), "bnb"),
+    ]
+    return rows, qk_result, bnb_result
+
+
+def agreement_checks(packed: Any, bnb_quant: Any, qk_deq: torch.Tensor, bnb_deq: torch.Tensor) -> list[str]:
+    """Informational: does qlorakit's output match bitsandbytes' on this input?"""
+    import torch
+
+    codes, state = bnb_quant
+    same_codes = torch.equal(codes.reshape(-1), packed.packed.reshape(-1))
+    absmax_diff = int((state.absmax.to(torch.int16) - packed.absmax.to(torch.int16)).ne(0).sum())
+    same_nested = torch.equal(state.state2.absmax.float(), packed.nested_absmax.float())
+    same_offset = float(state.offset) == float(packed.offset)
+    return [
+        f"4-bit codes equal to bitsandbytes: {same_codes}; nested absmax codes differing: {absmax_diff}"
+        f"/{packed.absmax.numel()}; nested scales equal: {same_nested}; offset equal: {same_offset}",
+        f"dequantize outputs (same packed data) bit-identical: {torch.equal(qk_deq, bnb_deq)}",
+    ]
+
+
+def bench_shape(shape: tuple[int, ...], args: argparse.Namespace) -> ShapeReport:
+    x = make_input(shape, args.seed)
+    copy = bench_copy(x, args.repeats)
+    q_rows, packed, bnb_quant = bench_quantize(x, args.repeats, args.slow_repeats)
+    d_rows, qk_deq, bnb_deq = bench_dequantize(packed, args.repeats)
+    rows: list[tuple[Result, Result | None]] = [(copy, None)]
+    for group in (q_rows, d_rows):
+        anchor = next(r for r, tag in group if tag == "bnb")
+        rows.extend((r, anchor) for r, _ in group)
+    return ShapeReport(shape, rows, copy, agreement_checks(packed, bnb_quant, qk_deq, bnb_deq))
+
+
+# --------------------------------------------------------------------------- output
+
+
+def shape_name(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def print_table(report: ShapeReport) -> None:
+    n = report.copy.numel
+    print(f"\n== {shape_name(report.shape)} bf16: {n / 1e6:.1f} Mparam, {2 * n / 1e6:.1f} MB ==")
+    header = f"{'operation':<28} {'implementation':<50} {'N':>2} {'best ms':>9} {'Mparam/s':>9} {'GB/s':>7}"
+    print(f"{header} {'vs bnb':>8} {'of copy':>8}")
+    for row, anchor in report.rows:
+        vs_bnb = f"{anchor.seconds / row.seconds:7.2f}x" if anchor is not None else f"{'-':>8}"
+        of_copy = f"{100 * report.copy.seconds / row.seconds:7.1f}%"
+        print(
+            f"{row.op:<28} {row.impl:<50} {row.reps:>2} {1e3 * row.seconds:>9.2f} {row.mparams:>9.1f} "
+            f"{row.gbytes:>7.2f} {vs_bnb} {of_copy}"
+        )
+    for line in report.checks:
+        print(f"  check: {line}")
+
+
+def target_lines(report: ShapeReport) -> list[tuple[bool, str]]:
+    name = shape_name(report.shape)
+    quant = report.find("qlorakit.quantize (out=", "quantize nf4+dq")
+    quant_bnb = report.find("bitsandbytes", "quantize nf4+dq")
+    deq = report.find("qlorakit.dequantize (out=", "dequantize -> bf16")
+    deq_bnb = report.find("bitsandbytes", "dequantize -> bf16")
+    quant_ratio, deq_ratio = quant_bnb.seconds / quant.seconds, deq_bnb.seconds / deq.seconds
+    return [
+        (
+            quant.mparams >= TARGET_QUANT_MPARAMS,
+            f"{name}: quantize >= {TARGET_QUANT_MPARAMS:.0f} Mparam/s: {quant.mparams:.0f} Mparam/s",
+        ),
+        (
+            quant_ratio >= TARGET_QUANT_VS_BNB,
+            f"{name}: quantize ~{TARGET_QUANT_VS_BNB:.0f}x bitsandbytes quantize_4bit: {quant_ratio:.1f}x",
+        ),
+        (
+            deq_ratio >= TARGET_DEQUANT_VS_BNB,
+            f"{name}: dequantize bf16 >= {TARGET_DEQUANT_VS_BNB}x bitsandbytes dequantize_4bit: {deq_ratio:.2f}x",
+        ),
+    ]
+
+
+def print_targets(reports: list[ShapeReport]) -> None:
+    n_rayon, _ = rayon_threads()
+    print("\nTargets from the project issue (information only, not a test):")
+    print(
+        f"  quantize (NF4 + double quant, bf16 in) >= {TARGET_QUANT_MPARAMS / 1e3:.1f} Gparam/s with "
+        f"{TARGET_THREADS} threads, which is ~{TARGET_QUANT_VS_BNB:.0f}x bitsandbytes CPU quantize_4bit"
+    )
+    print(f"  dequantize to bf16 >= {TARGET_DEQUANT_VS_BNB}x bitsandbytes' CPU dequantize_4bit")
+    print("  (qlorakit figures: the out= rows; the bitsandbytes rows are the anchors)")
+    if n_rayon != TARGET_THREADS:
+        print(f"  note: this run used {n_rayon} qlorakit threads; the throughput target is stated for {TARGET_THREADS}")
+    for report in reports:
+        for ok, text in target_lines(report):
+            print(f"  [{'PASS' if ok else 'MISS'}] {text}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_threads(args.threads)  # before the first import of qlorakit / torch
+    print_environment(args.threads)
+    print(
+        f"settings: NF4, blocksize {BLOCKSIZE}, double quant on, seed {args.seed}; "
+        f"best of {args.repeats} (bitsandbytes/torchao quantize: best of {args.slow_repeats})"
+    )
+    warm_up_libraries()
+    reports = [bench_shape(shape, args) for shape in args.shapes]
+    for report in reports:
+        print_table(report)
+    print_targets(reports)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
