@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bnb_reference import assert_same_packing, bnb_quantize, compare_nested
 
 import qlorakit
+from bnb_reference import assert_same_packing, bnb_quantize, compare_nested
 from qlorakit.formats import BLOCKSIZES, code_table
 
 QUANT_TYPES = ("nf4", "fp4")

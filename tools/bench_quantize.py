@@ -160,9 +160,10 @@ def cpu_model() -> str:
 def print_environment(threads: int | None) -> None:
     import bitsandbytes
     import numpy as np
-    import qlorakit
     import torch
     import torchao
+
+    import qlorakit
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -237,8 +238,9 @@ def make_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 def warm_up_libraries() -> None:
     """One small call per library so lazy initialization is not timed."""
     import bitsandbytes.functional as bnb_f
-    import qlorakit
     from torchao.quantization import to_nf4
+
+    import qlorakit
 
     x = make_input((256, 256), seed=1)
     packed = qlorakit.quantize(x)
@@ -267,8 +269,9 @@ def copy_candidate(x: torch.Tensor) -> Candidate:
 def quantize_candidates(x: torch.Tensor) -> tuple[list[Candidate], list[Candidate]]:
     """(fast qlorakit rows, slow bitsandbytes/torchao rows) for quantizing ``x``."""
     import bitsandbytes.functional as bnb_f
-    import qlorakit
     from torchao.quantization import to_nf4
+
+    import qlorakit
 
     out = qlorakit.quantize(x)
     fast = [
@@ -319,8 +322,9 @@ def bnb_dequantize_candidate(packed: Any) -> Candidate:
 
 
 def dequantize_candidates(packed: Any) -> list[Candidate]:
-    import qlorakit
     import torch
+
+    import qlorakit
 
     out = torch.empty(packed.shape, dtype=torch.bfloat16)
     return [

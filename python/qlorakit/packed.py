@@ -17,7 +17,6 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -51,8 +50,8 @@ class PackedWeight:
     blocksize: int
     shape: tuple[int, ...]
     dtype: torch.dtype
-    nested_absmax: Optional[torch.Tensor] = None
-    offset: Optional[float] = None
+    nested_absmax: torch.Tensor | None = None
+    offset: float | None = None
     nested_dtype: torch.dtype = torch.float32
     quant_storage: torch.dtype = torch.uint8
 

@@ -7,7 +7,6 @@ memory of the given tensor or array; nothing is copied on the way in.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -31,7 +30,7 @@ def quantize(
     blocksize: int = DEFAULT_BLOCKSIZE,
     double_quant: bool = True,
     *,
-    out: Optional[PackedWeight] = None,
+    out: PackedWeight | None = None,
 ) -> PackedWeight:
     """Quantizes ``x`` (float32/bfloat16/float16 torch tensor, or float32/float16 numpy
     array; contiguous, on the CPU) blockwise to 4 bits.
@@ -62,12 +61,19 @@ def quantize(
     out.dtype = tensor.dtype
     absmax = torch.empty(blocks, dtype=torch.float32) if double_quant else out.absmax
     _core.quantize_4bit(
-        byte_view(tensor, "input"), dtype, quant_type, blocksize, byte_view(out.packed, "packed"), byte_view(absmax, "absmax")
+        byte_view(tensor, "input"),
+        dtype,
+        quant_type,
+        blocksize,
+        byte_view(out.packed, "packed"),
+        byte_view(absmax, "absmax"),
     )
     if double_quant:
         assert out.nested_absmax is not None
         out.offset = _core.double_quantize(
-            byte_view(absmax, "absmax"), byte_view(out.absmax, "nested codes"), byte_view(out.nested_absmax, "nested scales")
+            byte_view(absmax, "absmax"),
+            byte_view(out.absmax, "nested codes"),
+            byte_view(out.nested_absmax, "nested scales"),
         )
     return out
 
@@ -124,9 +130,9 @@ def _decode_absmax_low_precision(packed: PackedWeight) -> torch.Tensor:
 
 def dequantize(
     packed: PackedWeight,
-    dtype: Optional[torch.dtype] = None,
+    dtype: torch.dtype | None = None,
     *,
-    out: Optional[torch.Tensor] = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decodes ``packed`` to a tensor of its original shape.
 

@@ -12,8 +12,7 @@ use qlorakit_core::mean::torch_mean;
 use qlorakit_core::{
     dequantize_4bit, dequantize_4bit_reference, dequantize_absmax, double_quantize, dynamic_map,
     quantize_4bit, quantize_4bit_reference, quantize_4bit_with, Absmax, Blocksize, Codebook,
-    Element, Encoder, PackedTensor,
-    QuantError, QuantType, BLOCKSIZES, NESTED_BLOCKSIZE,
+    Element, Encoder, PackedTensor, QuantError, QuantType, BLOCKSIZES, NESTED_BLOCKSIZE,
 };
 
 /// Elements per parallel task of the fast paths (a whole number of blocks of about 32K
@@ -672,10 +671,9 @@ fn bounds_are_hit_exactly_for_f32() {
                 let quantized = quantize_both(&block[..len], quant_type, blocksize, &ctx).unwrap();
                 for (r, &bound) in book.bounds.iter().enumerate() {
                     let i = r + 1;
-                    let byte = quantized.packed[i / 2];
-                    let code = if i % 2 == 0 { byte >> 4 } else { byte & 0xf };
                     assert_eq!(
-                        code, book.rank_to_code[r],
+                        nibble(&quantized.packed, i),
+                        usize::from(book.rank_to_code[r]),
                         "{ctx}: bound {bound} goes to the lower code"
                     );
                 }
@@ -999,10 +997,10 @@ fn double_quantize_with_a_scale_whose_reciprocal_overflows() {
     let raw = |r: u32| f32::from_bits(r);
     let mut absmax = Vec::new();
     for i in 0..NESTED_BLOCKSIZE {
-        absmax.push(raw(if i % 2 == 0 { 100 } else { 200 }));
+        absmax.push(raw(if i.is_multiple_of(2) { 100 } else { 200 }));
     }
     for i in 0..NESTED_BLOCKSIZE {
-        absmax.push(raw(if i % 2 == 0 { 300 } else { 200 }));
+        absmax.push(raw(if i.is_multiple_of(2) { 300 } else { 200 }));
     }
     let nested = double_quantize_owned(&absmax);
     assert_eq!(nested.offset, raw(200), "subnormal sums are exact");
@@ -1104,7 +1102,11 @@ fn largest_gap(values: &[f32]) -> f64 {
 
 fn nibble(packed: &[u8], i: usize) -> usize {
     let byte = packed[i / 2];
-    usize::from(if i % 2 == 0 { byte >> 4 } else { byte & 0xf })
+    usize::from(if i.is_multiple_of(2) {
+        byte >> 4
+    } else {
+        byte & 0xf
+    })
 }
 
 /// How far the decoded absmax may be from the true one: half the largest map gap times

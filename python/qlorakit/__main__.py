@@ -1,0 +1,7 @@
+"""``python -m qlorakit``."""
+
+import sys
+
+from qlorakit.cli import main
+
+sys.exit(main())

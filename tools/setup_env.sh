@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Build qlorakit's wheel with maturin and install it into a virtual environment.
+#   bash tools/setup_env.sh                # .venv, runtime dependencies only
+#   bash tools/setup_env.sh --test DIR     # DIR (fresh), with the test extras
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+venv=".venv"
+if [[ "${1:-}" == "--test" ]]; then
+  extras="[test]"
+  venv="${2:-.venv-test}"
+  rm -rf "$venv"
+fi
+
+python3 -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --upgrade pip
+"$venv/bin/python" -m pip install --quiet "maturin>=1.7,<2"
+rm -rf dist
+"$venv/bin/maturin" build --release --out dist
+wheel=$(ls dist/qlorakit-*.whl)
+"$venv/bin/python" -m pip install --quiet --force-reinstall --no-deps "$wheel"
+"$venv/bin/python" -m pip install --quiet "${wheel}${extras}"
+echo "installed $(basename "$wheel") into $venv"

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: Rust format/lint/tests, then the wheel built by
+# maturin, installed into a fresh virtual environment with the test extras, and pytest
+# run against that installed wheel (not the source tree).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt / clippy / test"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test -p qlorakit-core --release
+
+echo "== wheel into a fresh venv"
+bash tools/setup_env.sh --test .venv-test
+
+echo "== ruff"
+.venv-test/bin/ruff check python tests tools
+.venv-test/bin/ruff format --check python tests tools
+
+echo "== pytest (installed wheel)"
+.venv-test/bin/python -c "import qlorakit; assert 'site-packages' in qlorakit.__file__; print('testing', qlorakit.__file__)"
+.venv-test/bin/python -m pytest -q tests
