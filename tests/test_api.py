@@ -185,3 +185,12 @@ class TestErrors:
         broken["w"] = tensors["w"][:5]
         with pytest.raises(QuantizationError, match="packed data holds 5 bytes"):
             qlorakit.PackedWeight.from_state_dict(broken, "w")
+
+
+def test_double_quant_overflow_is_an_error_not_nan() -> None:
+    """Block maxima near float32's limit make their mean overflow; bitsandbytes would
+    silently produce NaN scales, we refuse and point to double_quant=False."""
+    x = torch.full((128,), 3e38)
+    with pytest.raises(QuantizationError, match="double_quant=False"):
+        qlorakit.quantize(x)
+    assert torch.isfinite(qlorakit.dequantize(qlorakit.quantize(x, double_quant=False))).all()

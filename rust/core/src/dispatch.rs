@@ -22,16 +22,18 @@ macro_rules! multiversion {
                 fn with_avx2<$t: $bound>($($arg: $ty),*) -> $ret {
                     $body_fn::<$t>($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx512bw")
+                let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("bmi2");
+                if avx2
+                    && std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
                     && std::arch::is_x86_feature_detected!("avx512vl")
                 {
                     // SAFETY: the CPU supports every feature the function was compiled for.
                     return unsafe { with_avx512::<$t>($($arg),*) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                    && std::arch::is_x86_feature_detected!("bmi2")
-                {
+                if avx2 {
                     // SAFETY: as above.
                     return unsafe { with_avx2::<$t>($($arg),*) };
                 }

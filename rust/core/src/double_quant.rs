@@ -33,6 +33,9 @@ pub fn double_quantize(absmax: &[f32], codes: &mut [u8], scales: &mut [f32]) -> 
         });
     }
     let offset = torch_mean(absmax);
+    if !offset.is_finite() {
+        return Err(QuantError::AbsmaxMeanOverflow);
+    }
     absmax
         .par_chunks(NESTED_BLOCKSIZE)
         .zip(codes.par_chunks_mut(NESTED_BLOCKSIZE))

@@ -22,6 +22,11 @@ pub enum QuantError {
     #[error("non-finite value {value} at flat element index {index}")]
     NonFinite { index: usize, value: f32 },
 
+    /// The mean of the block scales overflows float32 (values near f32::MAX), so double
+    /// quantization cannot represent them; quantize without it.
+    #[error("the mean of the block absmax values overflows float32; use double_quant=False for values this large")]
+    AbsmaxMeanOverflow,
+
     /// An input or output buffer whose length does not match what the operation needs.
     #[error("{what} has {actual} elements, expected {expected}")]
     LengthMismatch {

@@ -23,6 +23,9 @@ const ABSMAX_FLOOR: f32 = 1e-38;
 /// Largest relative error of rounding to f32.
 const F32_UNIT_ROUNDOFF: f64 = 1.0 / (1u64 << 24) as f64;
 const QUANT_TYPES: [QuantType; 2] = [QuantType::Nf4, QuantType::Fp4];
+/// Independent random inputs per configuration in the randomized tests (more where the
+/// optimized build makes them cheap).
+const ROUNDS: usize = if cfg!(debug_assertions) { 1 } else { 4 };
 
 // ---------------------------------------------------------------------------------------
 // Deterministic random numbers
@@ -67,7 +70,7 @@ impl Rng {
         self.below(100) < percent
     }
 
-    /// Uniform in [-1, 1), on a 2^-24 grid.
+    /// Uniform in [-1, 1), on a 2^-23 grid.
     fn signed_unit(&mut self) -> f32 {
         ((self.next_u64() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
     }
@@ -471,12 +474,14 @@ fn check_block_pattern<T: TestElement>(
 ) {
     let mut rng = Rng::for_test::<T>(salt);
     for (quant_type, blocksize) in configs() {
-        for partial_len in partial_lengths(blocksize.get()) {
-            let book = quant_type.codebook();
-            let input = blockwise_input(&mut rng, blocksize.get(), partial_len, |rng, len| {
-                fill(rng, book, len)
-            });
-            check_paths_agree(&input, quant_type, blocksize, case);
+        for _ in 0..ROUNDS {
+            for partial_len in partial_lengths(blocksize.get()) {
+                let book = quant_type.codebook();
+                let input = blockwise_input(&mut rng, blocksize.get(), partial_len, |rng, len| {
+                    fill(rng, book, len)
+                });
+                check_paths_agree(&input, quant_type, blocksize, case);
+            }
         }
     }
 }
@@ -519,7 +524,7 @@ fn random_inputs_of_awkward_lengths() {
     fn run<T: TestElement>() {
         let mut rng = Rng::for_test::<T>(1);
         for (quant_type, blocksize) in configs() {
-            for len in awkward_lengths(blocksize.get()) {
+            for len in awkward_lengths(blocksize.get()).repeat(ROUNDS) {
                 let input = random_input::<T>(&mut rng, len, blocksize.get());
                 check_paths_agree(&input, quant_type, blocksize, "random");
             }
@@ -790,6 +795,7 @@ fn non_finite_values_report_the_lowest_index() {
                 let clean = random_input::<T>(&mut rng, len, size);
                 for placement in bad_placements(len, size) {
                     let mut input = clean.clone();
+                    // A large finite value opening block 1, before a bad one there.
                     input[size] = T::from_f32(30000.0);
                     for (index, bad) in &placement {
                         input[*index] = bad.value();
@@ -1029,29 +1035,25 @@ fn double_quantize_is_independent_of_the_thread_count() {
     };
     let (first, first_decoded) = run(1);
     for threads in [2, 3, 7] {
+        let ctx = format!("{threads} threads");
         let (nested, decoded) = run(threads);
         assert_eq!(
             nested.offset.to_bits(),
             first.offset.to_bits(),
-            "{threads} threads: offset"
+            "{ctx}: offset"
         );
-        assert_same_sequence(
-            &nested.codes,
-            &first.codes,
-            "codes",
-            &format!("{threads} threads"),
-        );
+        assert_same_sequence(&nested.codes, &first.codes, "codes", &ctx);
         assert_same_sequence(
             &f32_bits(&nested.scales),
             &f32_bits(&first.scales),
             "scales",
-            &format!("{threads} threads"),
+            &ctx,
         );
         assert_same_sequence(
             &f32_bits(&decoded),
             &f32_bits(&first_decoded),
             "decoded",
-            &format!("{threads} threads"),
+            &ctx,
         );
     }
 }
@@ -1202,22 +1204,33 @@ fn mismatch(what: &'static str, expected: usize, actual: usize) -> QuantError {
     }
 }
 
-/// Runs both quantize paths on the given buffers; asserts they return the same error.
+/// Runs the reference and every fast quantizer on buffers of the given lengths; asserts
+/// they all return the same error.
 fn quantize_error<T: TestElement>(input: &[T], packed_len: usize, absmax_len: usize) -> QuantError {
     let blocksize = Blocksize::new(64).unwrap();
-    let run = |reference: bool| {
-        let mut packed = vec![0u8; packed_len];
-        let mut absmax = vec![0.0f32; absmax_len];
-        let quantize = if reference {
-            quantize_4bit_reference::<T>
-        } else {
-            quantize_4bit::<T>
-        };
-        quantize(input, QuantType::Nf4, blocksize, &mut packed, &mut absmax).expect_err("must fail")
+    let buffers = || Quantized {
+        packed: vec![0; packed_len],
+        absmax: vec![0.0; absmax_len],
     };
-    let (fast, reference) = (run(false), run(true));
-    assert_same_error(&fast, &reference, "quantize buffers");
-    fast
+    let mut out = buffers();
+    let reference = quantize_4bit_reference(
+        input,
+        QuantType::Nf4,
+        blocksize,
+        &mut out.packed,
+        &mut out.absmax,
+    )
+    .expect_err("reference must fail");
+    for quantizer in fast_quantizers() {
+        let fast = quantize_into(quantizer, input, QuantType::Nf4, blocksize, &mut buffers())
+            .expect_err("fast must fail");
+        assert_same_error(
+            &fast,
+            &reference,
+            &format!("quantize buffers, {quantizer:?}"),
+        );
+    }
+    reference
 }
 
 /// Runs both dequantize paths on the given buffers; asserts they return the same error.
