@@ -13,7 +13,7 @@ import torch
 from qlorakit import _core
 from qlorakit._core import QuantizationError
 from qlorakit._native import ArrayLike, as_tensor, byte_view, element_dtype_name
-from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPES
+from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPES, dynamic_map
 from qlorakit.packed import PackedWeight
 
 
@@ -119,8 +119,6 @@ def _decode_absmax_low_precision(packed: PackedWeight) -> torch.Tensor:
     """Scales of a file that records a non-float32 ``nested_dtype`` (bitsandbytes writes
     ``"bfloat16"`` after a CPU inference pass): bitsandbytes decodes the nested level to
     that dtype, adds the offset in it, then widens to float32; we do the same."""
-    from qlorakit.formats import dynamic_map
-
     assert packed.nested_absmax is not None and packed.offset is not None
     codes = packed.absmax.long()
     scales = packed.nested_absmax.float().repeat_interleave(NESTED_BLOCKSIZE)[: codes.numel()]
