@@ -16,6 +16,14 @@ def bnb_quantize(x: torch.Tensor, quant_type: str, blocksize: int, double_quant:
     return F.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
 
 
+def bnb_state_of(packed: qlorakit.PackedWeight):
+    """Our packed weight as bitsandbytes reads it: ``QuantState.from_dict`` over the
+    tensors of ``state_dict`` (so this also checks bitsandbytes loads our serialization)."""
+    tensors = packed.state_dict("weight")
+    qs_dict = {key.removeprefix("weight."): t for key, t in tensors.items() if key != "weight"}
+    return F.QuantState.from_dict(qs_dict, device=torch.device("cpu"))
+
+
 def assert_same_packing(x: torch.Tensor, quant_type: str, blocksize: int) -> qlorakit.PackedWeight:
     """Packed codes and float32 absmax byte-for-byte equal to bitsandbytes'."""
     ref_packed, ref_state = bnb_quantize(x, quant_type, blocksize, double_quant=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qlorakit
-from bnb_reference import assert_same_packing, bnb_quantize, compare_nested
+from bnb_reference import assert_same_packing, bnb_quantize, bnb_state_of, compare_nested
 from qlorakit.formats import BLOCKSIZES, code_table
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -174,14 +174,12 @@ def test_dequantize_equals_bitsandbytes(bnb_functional, quant_type: str, out_dty
         for blocksize in (32, 64, 1024, 2048):
             x = random_tensor(shape, torch.bfloat16, seed)
             ours = qlorakit.quantize(x, quant_type, blocksize, double_quant)
-            tensors = ours.state_dict("weight")
-            qs_dict = {key.removeprefix("weight."): t for key, t in tensors.items() if key != "weight"}
-            state = bnb_functional.QuantState.from_dict(qs_dict, device=torch.device("cpu"))
+            state = bnb_state_of(ours)
             if cpu_kernel_misindexes(shape, blocksize):
-                expected = bnb_dequantize_eager(tensors["weight"], state, out_dtype)
+                expected = bnb_dequantize_eager(ours.packed, state, out_dtype)
             else:
                 state.dtype = out_dtype
-                expected = bnb_functional.dequantize_4bit(tensors["weight"], state)
+                expected = bnb_functional.dequantize_4bit(ours.packed, state)
             got = qlorakit.dequantize(ours, out_dtype)
             assert got.dtype == expected.dtype == out_dtype
             assert got.shape == expected.shape

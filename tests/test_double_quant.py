@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qlorakit
-from bnb_reference import compare_nested, decode_nested
+from bnb_reference import bnb_state_of, compare_nested, decode_nested
 from qlorakit import _core
 from qlorakit.formats import dynamic_map
 
@@ -101,8 +101,6 @@ def test_nested_dtype_bfloat16_is_decoded_like_bitsandbytes(bnb_functional) -> N
     x = (torch.randn(80, 128) * 0.05).to(torch.bfloat16)
     packed = qlorakit.quantize(x)
     packed.nested_dtype = torch.bfloat16
-    tensors = packed.state_dict("w")
-    qs_dict = {key.removeprefix("w."): t for key, t in tensors.items() if key != "w"}
-    state = bnb_functional.QuantState.from_dict(qs_dict, device=torch.device("cpu"))
+    state = bnb_state_of(packed)
     expected = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
     assert torch.equal(qlorakit.decode_absmax(packed), expected.float())
