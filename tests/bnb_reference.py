@@ -8,7 +8,8 @@ import bitsandbytes.functional as F
 import torch
 
 import qlorakit
-from qlorakit.formats import NESTED_BLOCKSIZE, dynamic_map
+from qlorakit.formats import NESTED_BLOCKSIZE
+from qlorakit.tables import dynamic_map
 
 
 def bnb_quantize(x: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool):

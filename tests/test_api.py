@@ -12,7 +12,8 @@ import torch
 import qlorakit
 from bnb_reference import bnb_quantize
 from qlorakit import NonFiniteError, QlorakitError, QuantizationError
-from qlorakit.formats import BLOCKSIZES, code_table, dynamic_map
+from qlorakit.formats import BLOCKSIZES
+from qlorakit.tables import code_table, dynamic_map
 
 
 def test_constants_come_from_the_core(bnb_functional) -> None:

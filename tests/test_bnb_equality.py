@@ -7,7 +7,8 @@ import torch
 
 import qlorakit
 from bnb_reference import assert_same_packing, bnb_quantize, bnb_state_of, compare_nested
-from qlorakit.formats import BLOCKSIZES, code_table
+from qlorakit.formats import BLOCKSIZES
+from qlorakit.tables import code_table
 
 QUANT_TYPES = ("nf4", "fp4")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

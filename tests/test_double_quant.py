@@ -11,7 +11,7 @@ import torch
 import qlorakit
 from bnb_reference import bnb_state_of, compare_nested, decode_nested
 from qlorakit import _core
-from qlorakit.formats import dynamic_map
+from qlorakit.tables import dynamic_map
 
 # Differences bitsandbytes' CPU path is known to produce: its 8-bit quantizer picks
 # codes through a 65536-bin lookup table, which is only approximately nearest.

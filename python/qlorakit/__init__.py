@@ -1,18 +1,49 @@
 """qlorakit: QLoRA on little hardware — fast CPU NF4/FP4 quantization, bit-exact with
-bitsandbytes, in files the Hugging Face ecosystem loads."""
+bitsandbytes, in files the Hugging Face ecosystem loads.
+
+The torch-facing API is imported on first use, so the checkpoint tool starts without
+paying for torch's import."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from qlorakit._core import __version__
-from qlorakit.errors import NonFiniteError, QlorakitError, QuantizationError
-from qlorakit.packed import PackedWeight
-from qlorakit.quantization import decode_absmax, dequantize, quantize
+from qlorakit.checkpoint import QuantizeReport, inspect_checkpoint, quantize_checkpoint, verify_checkpoint
+from qlorakit.errors import CheckpointError, NonFiniteError, QlorakitError, QuantizationError
+
+if TYPE_CHECKING:
+    from qlorakit.packed import PackedWeight
+    from qlorakit.quantization import decode_absmax, dequantize, quantize
+
+_LAZY = {
+    "PackedWeight": "qlorakit.packed",
+    "decode_absmax": "qlorakit.quantization",
+    "dequantize": "qlorakit.quantization",
+    "quantize": "qlorakit.quantization",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qlorakit' has no attribute {name!r}")
+
 
 __all__ = [
+    "CheckpointError",
     "NonFiniteError",
     "PackedWeight",
     "QlorakitError",
     "QuantizationError",
+    "QuantizeReport",
     "__version__",
     "decode_absmax",
     "dequantize",
+    "inspect_checkpoint",
     "quantize",
+    "quantize_checkpoint",
+    "verify_checkpoint",
 ]

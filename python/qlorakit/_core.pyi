@@ -32,3 +32,31 @@ def dequantize_absmax(codes: Any, scales: Any, offset: float, out: Any) -> None:
 
 def torch_order_mean(values: Any) -> float:
     """Float32 mean of ``values`` in torch's single-thread CPU summation order."""
+
+class CheckpointError(QlorakitError): ...
+
+CHECKSUMS_KEY: str
+ERROR_SAMPLE_STRIDE: int
+
+def list_tensors(source: str) -> list[tuple[str, str, list[int], str]]:
+    """(name, safetensors dtype, shape, file) of every tensor of a checkpoint directory or file."""
+
+def read_header(path: str) -> tuple[dict[str, str], list[tuple[str, str, list[int], int, int]]]:
+    """Metadata and (name, dtype, shape, begin, end) entries of one safetensors file (validated)."""
+
+def tensor_checksums(path: str) -> dict[str, str]:
+    """CRC-32 (hex) of every tensor's bytes in one safetensors file."""
+
+def quantize_checkpoint(
+    source: str,
+    out_dir: str,
+    selected: list[str],
+    quant_type: str,
+    blocksize: int,
+    double_quant: bool,
+    max_shard_bytes: int,
+    metadata: dict[str, str],
+    threads: int | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Quantize the ``selected`` tensors of ``source`` into the empty directory ``out_dir``."""

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from qlorakit._core import QuantizationError
-from qlorakit.formats import ELEMENT_DTYPES
+from qlorakit.tables import ELEMENT_DTYPES
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from qlorakit import __version__
+
+if TYPE_CHECKING:
+    import torch
+from qlorakit.checkpoint import inspect_checkpoint, quantize_checkpoint, verify_checkpoint
 from qlorakit.errors import QlorakitError
 from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE
-from qlorakit.packed import PackedWeight
-from qlorakit.quantization import dequantize, quantize
 
 #: The embedded default workload: the seven linear weights of one Llama-2-7B decoder
 #: layer (out_features, in_features), bf16.
@@ -30,6 +32,8 @@ LLAMA_7B_LAYER: tuple[tuple[str, tuple[int, int]], ...] = (
 
 def synthetic_weight(shape: tuple[int, int], seed: int) -> torch.Tensor:
     """A deterministic bf16 weight with the heavy-tailed spread of trained LLM weights."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(shape, generator=generator) * 0.02
     outliers = torch.rand(shape, generator=generator) < 1e-3
@@ -38,6 +42,11 @@ def synthetic_weight(shape: tuple[int, int], seed: int) -> torch.Tensor:
 
 def run_demo(quant_type: str, blocksize: int, double_quant: bool) -> int:
     """Quantizes the embedded layer, checks the round trip, prints a summary."""
+    import torch
+
+    from qlorakit.packed import PackedWeight
+    from qlorakit.quantization import dequantize, quantize
+
     print(f"qlorakit {__version__}: {quant_type} blocksize {blocksize} double-quant {double_quant}")
     print("embedded default: the 7 linear weights of one Llama-2-7B layer, bf16 (deterministic synthetic values)")
     total_params = total_in = total_out = 0
@@ -75,6 +84,66 @@ def run_demo(quant_type: str, blocksize: int, double_quant: bool) -> int:
     return 0
 
 
+def run_quantize(args: argparse.Namespace) -> int:
+    report = quantize_checkpoint(
+        args.src,
+        args.dst,
+        quant_type=args.quant_type,
+        blocksize=args.blocksize,
+        double_quant=args.double_quant,
+        compute_dtype=args.compute_dtype,
+        skip=args.skip,
+        transformers_rule=args.transformers_rule,
+        threads=args.threads,
+        max_shard_size=args.max_shard_size,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(report.summary())
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    info = inspect_checkpoint(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['path']}: {len(info['files'])} file(s), {info['tensors']} tensors {info['dtypes']}")
+    writer = f"qlorakit {info['written_by']}, format {info['format_version']}" if info["written_by"] else "not qlorakit"
+    print(f"written by: {writer}")
+    if info["quantized_weights"]:
+        print(
+            f"quantized weights: {info['quantized_weights']} ({'/'.join(info['quant_types'])}, "
+            f"blocksize {info['blocksizes']}, double quant {info['double_quant']})"
+        )
+    print(
+        f"parameters: {info['parameters'] / 1e6:.1f} M, {info['bytes'] / 1e9:.3f} GB, "
+        f"{info['bits_per_param']:.3f} bits/param"
+    )
+    if info["options"]:
+        print(f"options: {json.dumps(info['options'], sort_keys=True)}")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    report = verify_checkpoint(args.path, against=args.against)
+    for name, error in sorted(report.per_tensor_error.items()):
+        print(f"  {name:<60} relative error {error:.4f}")
+    print(
+        f"{report.files} file(s): {report.tensors_checked} checksums, "
+        f"{report.weights_decoded} quantized weights decoded"
+    )
+    if report.per_tensor_error:
+        worst = max(report.per_tensor_error.values())
+        mean = sum(report.per_tensor_error.values()) / len(report.per_tensor_error)
+        print(f"relative error vs {args.against}: mean {mean:.4f}, worst {worst:.4f}")
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    print("OK" if report.ok else f"FAILED: {len(report.problems)} problem(s)")
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlorakit", description="QLoRA on little hardware.")
     parser.add_argument("--version", action="version", version=f"qlorakit {__version__}")
@@ -85,19 +154,59 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
     demo.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=DEFAULT_BLOCKSIZE)
     demo.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+
+    quantize = commands.add_parser(
+        "quantize",
+        help="quantize a safetensors checkpoint into a bitsandbytes-format 4-bit model directory",
+        description="Quantize SRC (a Hugging Face model directory or a .safetensors file) into DST, a model "
+        "directory that transformers + bitsandbytes and qlorakit load. DST is written atomically.",
+    )
+    quantize.add_argument("src", help="source model directory or .safetensors file (read only)")
+    quantize.add_argument("dst", help="destination directory (must not exist unless --force)")
+    quantize.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
+    quantize.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=DEFAULT_BLOCKSIZE)
+    quantize.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    quantize.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    quantize.add_argument(
+        "--skip", nargs="+", default=[], metavar="PATTERN", help="module names/regexes to keep unquantized"
+    )
+    quantize.add_argument(
+        "--transformers-rule",
+        action="store_true",
+        help="quantize exactly the linear layers transformers would (builds the model class; slower start)",
+    )
+    quantize.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
+    quantize.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
+    quantize.add_argument("--force", action="store_true", help="replace DST if it exists")
+    quantize.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    inspect = commands.add_parser("inspect", help="show what a checkpoint directory or file holds")
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+
+    verify = commands.add_parser("verify", help="re-check checksums and decodability (and error vs the source)")
+    verify.add_argument("path")
+    verify.add_argument("--against", metavar="SRC", help="source checkpoint to measure reconstruction error against")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script. Exit codes: 0 ok, 1 failure, 2 usage error."""
     args = build_parser().parse_args(argv)
+    commands = {
+        "demo": lambda: run_demo(args.quant_type, args.blocksize, args.double_quant),
+        "quantize": lambda: run_quantize(args),
+        "inspect": lambda: run_inspect(args),
+        "verify": lambda: run_verify(args),
+    }
     try:
-        if args.command == "demo":
-            return run_demo(args.quant_type, args.blocksize, args.double_quant)
-    except QlorakitError as exc:
+        return commands[args.command]()
+    except (QlorakitError, FileExistsError, ValueError, OSError) as exc:
         print(f"qlorakit: error: {exc}", file=sys.stderr)
         return 1
-    return 2
+    except KeyboardInterrupt:
+        print("qlorakit: interrupted; nothing was written to the destination", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

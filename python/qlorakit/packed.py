@@ -21,14 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from qlorakit._core import QuantizationError
-from qlorakit.formats import (
-    NESTED_BLOCKSIZE,
-    QUANT_TYPES,
-    code_table,
-    dtype_from_name,
-    dtype_name,
-    dynamic_map,
-)
+from qlorakit.formats import NESTED_BLOCKSIZE, QUANT_TYPES
+from qlorakit.tables import code_table, dtype_from_name, dtype_name, dynamic_map
 
 _QUANT_STATE_PREFIX = "quant_state.bitsandbytes__"
 

@@ -13,8 +13,9 @@ import torch
 from qlorakit import _core
 from qlorakit._core import QuantizationError
 from qlorakit._native import ArrayLike, as_tensor, byte_view, element_dtype_name
-from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPES, dynamic_map
+from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPES
 from qlorakit.packed import PackedWeight
+from qlorakit.tables import dynamic_map
 
 
 def _check_options(quant_type: str, blocksize: int) -> None:

@@ -5,6 +5,7 @@
 //! [`dequantize_absmax`]) write into caller-provided buffers so hot callers can reuse
 //! memory; [`PackedTensor`] bundles them for convenience.
 
+pub mod checkpoint;
 mod dispatch;
 
 pub mod codebook;

@@ -5,6 +5,8 @@
 //! of numpy arrays and torch tensors. Every buffer is checked here for C-contiguity,
 //! writability, length and alignment before Rust touches it.
 
+mod checkpoint;
+
 use half::{bf16, f16};
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
@@ -26,19 +28,25 @@ create_exception!(
 );
 create_exception!(
     _core,
+    CheckpointError,
+    QlorakitError,
+    "A checkpoint could not be read, quantized or written; the message names the file and tensor."
+);
+create_exception!(
+    _core,
     NonFiniteError,
     QuantizationError,
     "The tensor holds NaN or Inf (bitsandbytes would silently encode it; qlorakit refuses)."
 );
 
-fn to_py_err(err: QuantError) -> PyErr {
+pub(crate) fn to_py_err(err: QuantError) -> PyErr {
     match err {
         QuantError::NonFinite { .. } => NonFiniteError::new_err(err.to_string()),
         other => QuantizationError::new_err(other.to_string()),
     }
 }
 
-fn parse_quant_type(name: &str) -> PyResult<QuantType> {
+pub(crate) fn parse_quant_type(name: &str) -> PyResult<QuantType> {
     name.parse().map_err(to_py_err)
 }
 
@@ -232,6 +240,19 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("QlorakitError", py.get_type::<QlorakitError>())?;
     m.add("QuantizationError", py.get_type::<QuantizationError>())?;
     m.add("NonFiniteError", py.get_type::<NonFiniteError>())?;
+    m.add("CheckpointError", py.get_type::<CheckpointError>())?;
+    m.add_function(wrap_pyfunction!(checkpoint::quantize_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::list_tensors, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::read_header, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::tensor_checksums, m)?)?;
+    m.add(
+        "ERROR_SAMPLE_STRIDE",
+        qlorakit_core::checkpoint::ERROR_SAMPLE_STRIDE,
+    )?;
+    m.add(
+        "CHECKSUMS_KEY",
+        qlorakit_core::checkpoint::writer::CHECKSUMS_KEY,
+    )?;
     m.add("NF4_CODE", code_values(&core::NF4_CODE_BITS))?;
     m.add("FP4_CODE", code_values(&core::FP4_CODE_BITS))?;
     m.add("DYNAMIC_MAP", code_values(&core::DYNAMIC_MAP_BITS))?;

@@ -1,0 +1,371 @@
+"""Whole checkpoints: ``quantize_checkpoint`` (what ``qlorakit quantize`` runs),
+``inspect_checkpoint`` and ``verify_checkpoint``.
+
+The output directory is written atomically: everything goes into a hidden sibling
+directory, is synced to disk, and only then renamed to the destination; a failed or
+interrupted run leaves no destination behind, and an existing destination is replaced
+only with ``force=True``. The source is only read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qlorakit import __version__, _core
+from qlorakit._core import CheckpointError
+from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, QUANT_TYPES
+from qlorakit.hf_files import COMPUTE_DTYPES, copy_other_files, quantization_config, write_config
+from qlorakit.progress import ProgressBar, human_bytes
+from qlorakit.selection import Selection, select_tensors
+
+#: Version of qlorakit's own metadata in the safetensors headers.
+FORMAT_VERSION = "1"
+METADATA_PREFIX = "qlorakit."
+
+if TYPE_CHECKING:
+    import torch
+
+ProgressCallback = Callable[[int, int, int, int, str], None]
+
+
+@dataclass
+class QuantizeReport:
+    """What ``quantize_checkpoint`` did."""
+
+    source: str
+    destination: str
+    tensors_quantized: int
+    tensors_kept: int
+    params_quantized: int
+    params_kept: int
+    bytes_in: int
+    bytes_out: int
+    mean_relative_error: float
+    seconds: float
+    selection_method: str
+    shards: list[tuple[str, int]] = field(default_factory=list)
+    per_tensor_error: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bits_per_param(self) -> float:
+        params = self.params_quantized + self.params_kept
+        return 8 * self.bytes_out / params if params else 0.0
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_in / self.seconds / 1e9 if self.seconds else 0.0
+
+    def summary(self) -> str:
+        """The summary the CLI prints."""
+        return "\n".join(
+            [
+                f"quantized {self.tensors_quantized} tensors ({self.params_quantized / 1e6:.1f} M params), "
+                f"kept {self.tensors_kept} ({self.params_kept / 1e6:.1f} M params) [{self.selection_method}]",
+                f"size {human_bytes(self.bytes_in)} -> {human_bytes(self.bytes_out)} "
+                f"in {len(self.shards)} file(s), {self.bits_per_param:.3f} bits/parameter",
+                f"mean relative reconstruction error {self.mean_relative_error:.4f} "
+                f"(sampled: every {_core.ERROR_SAMPLE_STRIDE}th block)",
+                f"wall time {self.seconds:.2f} s, {self.gb_per_s:.2f} GB/s -> {self.destination}",
+            ]
+        )
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` / ``"500MB"`` / ``"2GiB"`` / ``1000`` → bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?)?[bB]?\s*", text)
+    if not match:
+        raise ValueError(f"invalid size {text!r}; use e.g. 5GB, 500MB, 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "").upper()
+    base = 1024 if unit.endswith("I") else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
+    return int(number * base**power)
+
+
+def quantize_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    quant_type: str = "nf4",
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    double_quant: bool = True,
+    compute_dtype: str = "bf16",
+    skip: Sequence[str] = (),
+    transformers_rule: bool = False,
+    threads: int | None = None,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    progress: ProgressCallback | bool = False,
+) -> QuantizeReport:
+    """Quantizes the safetensors checkpoint at ``src`` (a model directory or one
+    ``.safetensors`` file) into a bitsandbytes-format 4-bit model directory ``dst``.
+
+    Which tensors are quantized: 2-D float weights other than embeddings, norms and
+    ``lm_head``, minus ``skip`` patterns; with ``transformers_rule=True``, exactly the
+    linear layers transformers' bitsandbytes integration would convert (builds the model
+    class on the meta device; slower to start, for unusual architectures).
+
+    Raises :class:`~qlorakit.errors.CheckpointError` naming the file and tensor on bad
+    input or a failed write (``dst`` is then left untouched), ``FileExistsError`` if
+    ``dst`` exists and ``force`` is not set, ``ValueError`` on bad options.
+    """
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    source = Path(src).resolve()
+    destination = Path(dst).resolve()
+    if not source.exists():
+        raise CheckpointError(f"{source}: no such file or directory")
+    if destination == source or source in destination.parents or destination in source.parents:
+        # Replacing a destination that holds the source would delete the source.
+        raise ValueError(f"destination {destination} must not be the source, inside it, or contain it")
+    if destination.exists() and not force:
+        raise FileExistsError(f"{destination} exists; pass force=True (--force) to replace it")
+    source_dir = source if source.is_dir() else None
+    listing = _core.list_tensors(str(source))
+    tensors = [(name, dtype, shape) for name, dtype, shape, _ in listing]
+    selection = select_tensors(source_dir, tensors, skip, transformers_rule)
+    options = {
+        "quant_type": quant_type,
+        "blocksize": blocksize,
+        "double_quant": double_quant,
+        "compute_dtype": COMPUTE_DTYPES[compute_dtype],
+        "skip_modules": selection.skip_modules,
+    }
+    metadata = {
+        "format": "pt",
+        f"{METADATA_PREFIX}format_version": FORMAT_VERSION,
+        f"{METADATA_PREFIX}version": __version__,
+        f"{METADATA_PREFIX}options": json.dumps(options, sort_keys=True),
+    }
+    callback = ProgressBar() if progress is True else (progress or None)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.parent / f".{destination.name}.qlorakit-partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    start = time.perf_counter()
+    try:
+        raw = _core.quantize_checkpoint(
+            str(source),
+            str(staging),
+            selection.quantize,
+            quant_type,
+            blocksize,
+            double_quant,
+            parse_size(max_shard_size),
+            metadata,
+            threads,
+            callback,
+        )
+        write_config(
+            source_dir,
+            staging,
+            quantization_config(quant_type, double_quant, options["compute_dtype"], selection.skip_modules),
+        )
+        copy_other_files(source_dir, staging)
+        _sync_tree(staging)
+        _replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _report(source, destination, raw, selection, time.perf_counter() - start)
+
+
+def _report(source: Path, destination: Path, raw: dict, selection: Selection, seconds: float) -> QuantizeReport:
+    quantized = [t for t in raw["tensors"] if t[1]]
+    kept = [t for t in raw["tensors"] if not t[1]]
+    error = sum(t[5] for t in quantized)
+    norm = sum(t[6] for t in quantized)
+    return QuantizeReport(
+        source=str(source),
+        destination=str(destination),
+        tensors_quantized=len(quantized),
+        tensors_kept=len(kept),
+        params_quantized=sum(t[2] for t in quantized),
+        params_kept=sum(t[2] for t in kept),
+        bytes_in=sum(t[3] for t in raw["tensors"]),
+        bytes_out=sum(size for _, size in raw["shards"]),
+        mean_relative_error=math.sqrt(error / norm) if norm else 0.0,
+        seconds=seconds,
+        selection_method=selection.method,
+        shards=[(name, size) for name, size in raw["shards"]],
+        per_tensor_error={t[0]: math.sqrt(t[5] / t[6]) if t[6] else 0.0 for t in quantized},
+    )
+
+
+def _sync_tree(directory: Path) -> None:
+    """fsyncs every file (shards are synced as written) and the directories."""
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.name.endswith(".safetensors"):
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+    for folder in [directory, *[p for p in directory.rglob("*") if p.is_dir()]]:
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _replace(staging: Path, destination: Path) -> None:
+    """Renames the finished staging directory onto ``destination`` (moving an existing
+    one aside first, and deleting it only once the new one is in place)."""
+    previous = None
+    if destination.exists():
+        previous = destination.parent / f".{destination.name}.qlorakit-previous-{os.getpid()}"
+        os.rename(destination, previous)
+    os.rename(staging, destination)
+    descriptor = os.open(destination.parent, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    if previous is not None:
+        shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors files")
+    return files
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict:
+    """What a (packed or ordinary) checkpoint holds: format, options, tensors, bits/param."""
+    root = Path(path)
+    files = _safetensors_files(root)
+    headers = [(file, *_core.read_header(str(file))) for file in files]
+    metadata = headers[0][1]
+    states = {
+        name.split(".quant_state.bitsandbytes__")[0]: (file, name)
+        for file, _, entries in headers
+        for name, *_ in entries
+        if ".quant_state.bitsandbytes__" in name
+    }
+    quantized = [_read_quant_state(file, name) for file, name in states.values()]
+    dtypes: dict[str, int] = {}
+    params = payload = tensors = 0
+    for _, _, entries in headers:
+        for name, dtype, shape, begin, end in entries:
+            tensors += 1
+            dtypes[dtype] = dtypes.get(dtype, 0) + 1
+            payload += end - begin
+            owner = name if name in states else name.rsplit(".", 1)[0]
+            if owner not in states and ".quant_state." not in name:
+                params += math.prod(shape)
+    params += sum(math.prod(q["shape"]) for q in quantized)
+    return {
+        "path": str(root),
+        "files": [f.name for f in files],
+        "format_version": metadata.get(f"{METADATA_PREFIX}format_version"),
+        "written_by": metadata.get(f"{METADATA_PREFIX}version"),
+        "options": json.loads(metadata.get(f"{METADATA_PREFIX}options", "null")),
+        "tensors": tensors,
+        "dtypes": dtypes,
+        "quantized_weights": len(quantized),
+        "quant_types": sorted({q["quant_type"] for q in quantized}),
+        "blocksizes": sorted({q["blocksize"] for q in quantized}),
+        "double_quant": sorted({"nested_offset" in q for q in quantized}),
+        "parameters": params,
+        "bytes": payload,
+        "bits_per_param": 8 * payload / params if params else 0.0,
+    }
+
+
+def _read_quant_state(file: Path, name: str) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        return json.loads(bytes(handle.get_tensor(name).numpy()).decode())
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of ``verify_checkpoint``: problems found (empty means the checkpoint is good)."""
+
+    files: int
+    tensors_checked: int
+    weights_decoded: int
+    problems: list[str]
+    per_tensor_error: dict[str, float]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_checkpoint(path: str | os.PathLike, against: str | os.PathLike | None = None) -> VerifyReport:
+    """Re-checks every tensor's CRC-32 against the header metadata, decodes every
+    quantized weight (it must load and give finite values), and with ``against`` (the
+    source checkpoint) measures each weight's relative reconstruction error."""
+    import torch
+    from safetensors import safe_open
+
+    from qlorakit.packed import PackedWeight
+    from qlorakit.quantization import dequantize
+
+    files = _safetensors_files(Path(path))
+    problems: list[str] = []
+    checked = decoded = 0
+    errors: dict[str, float] = {}
+    source_tensors = _source_index(Path(against)) if against is not None else {}
+    for file in files:
+        metadata, _ = _core.read_header(str(file))
+        recorded = json.loads(metadata.get(_core.CHECKSUMS_KEY, "{}"))
+        if not recorded:
+            problems.append(f"{file}: no qlorakit checksums in the header (not written by qlorakit?)")
+        actual = _core.tensor_checksums(str(file))
+        for name, crc in actual.items():
+            checked += 1
+            if recorded and recorded.get(name) != crc:
+                problems.append(
+                    f"{file}: tensor '{name}': checksum {crc} does not match the recorded {recorded.get(name)}"
+                )
+        with safe_open(str(file), framework="pt") as handle:
+            names = list(handle.keys())
+            tensors = {name: handle.get_tensor(name) for name in names}
+        for name in names:
+            if ".quant_state.bitsandbytes__" not in name:
+                continue
+            prefix = name.split(".quant_state.bitsandbytes__")[0]
+            try:
+                weight = dequantize(PackedWeight.from_state_dict(tensors, prefix), torch.float32)
+            except Exception as exc:  # report every undecodable weight, not just the first
+                problems.append(f"{file}: tensor '{prefix}': cannot be decoded: {exc}")
+                continue
+            decoded += 1
+            if not torch.isfinite(weight).all():
+                problems.append(f"{file}: tensor '{prefix}': decodes to non-finite values")
+            if prefix in source_tensors:
+                reference = _load_source_tensor(source_tensors[prefix], prefix).float()
+                errors[prefix] = float((weight - reference).norm() / reference.norm().clamp_min(1e-30))
+            elif against is not None:
+                problems.append(f"{file}: tensor '{prefix}': not found in {against}")
+    return VerifyReport(len(files), checked, decoded, problems, errors)
+
+
+def _source_index(source: Path) -> dict[str, str]:
+    return {name: file for name, _, _, file in _core.list_tensors(str(source))}
+
+
+def _load_source_tensor(file: str, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as handle:
+        return handle.get_tensor(name)

@@ -1,0 +1,14 @@
+//! Whole-checkpoint quantization: safetensors in, bitsandbytes-format safetensors out.
+
+pub mod error;
+pub mod pipeline;
+pub mod quant_state;
+pub mod safetensors;
+pub mod source;
+pub mod writer;
+
+pub use error::CheckpointError;
+pub use pipeline::{
+    quantize_checkpoint, Options, Progress, Report, TensorReport, ERROR_SAMPLE_STRIDE,
+};
+pub use source::Source;

@@ -1,0 +1,522 @@
+//! Quantizes a whole checkpoint: tensors are read from the memory-mapped source one at a
+//! time, selected 2-D weights are quantized (multithreaded) and written as bitsandbytes'
+//! serialization, every other tensor is copied unchanged, and output shards are written
+//! as the work proceeds. Memory holds the current tensor's outputs, not the model.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+use serde_json::{json, Map, Value};
+
+use super::error::{CheckpointError, Result};
+use super::quant_state::QuantState;
+use super::safetensors::{Dtype, SafetensorsFile, TensorInfo};
+use super::source::{Source, INDEX_FILE, SINGLE_FILE};
+use super::writer::{EntrySpec, ShardWriter};
+use crate::codebook::QuantType;
+use crate::double_quant::{dequantize_absmax, double_quantize};
+use crate::element::Element;
+use crate::layout::{nested_blocks, packed_len, Blocksize};
+use crate::quantize::quantize_4bit;
+
+/// How to quantize.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub quant_type: QuantType,
+    pub blocksize: Blocksize,
+    pub double_quant: bool,
+    /// Largest output shard in bytes (a bigger single tensor gets a shard of its own).
+    pub max_shard_bytes: u64,
+    /// The reconstruction error is measured on every `error_sample_stride`-th block.
+    pub error_sample_stride: usize,
+}
+
+/// Default sampling of the reconstruction error: every 32nd block (about 3% of the work of
+/// quantizing, against an exact figure that would cost as much again).
+pub const ERROR_SAMPLE_STRIDE: usize = 32;
+
+/// Progress after each tensor.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress<'a> {
+    pub tensors_done: usize,
+    pub tensors_total: usize,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub tensor: &'a str,
+}
+
+/// What happened to one source tensor.
+#[derive(Debug, Clone)]
+pub struct TensorReport {
+    pub name: String,
+    pub quantized: bool,
+    pub params: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Sums over the sampled blocks (quantized tensors only).
+    pub squared_error: f64,
+    pub squared_norm: f64,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub tensors: Vec<TensorReport>,
+    /// Output file names and sizes.
+    pub shards: Vec<(String, u64)>,
+    pub seconds: f64,
+}
+
+/// Largest quant_state JSON: the fixed text plus a shape of up to 8 dims and a float.
+const MAX_QUANT_STATE_LEN: usize = 400;
+
+/// One output tensor produced from a source tensor.
+struct Planned<'a> {
+    file: &'a SafetensorsFile,
+    info: &'a TensorInfo,
+    quantize: bool,
+    outputs: Vec<EntrySpec>,
+    out_bytes: u64,
+}
+
+/// Runs the whole pipeline into `out_dir` (which must exist and be empty).
+pub fn quantize_checkpoint(
+    source: &Source,
+    selected: &HashSet<String>,
+    out_dir: &Path,
+    options: &Options,
+    metadata: &BTreeMap<String, String>,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Report> {
+    let start = Instant::now();
+    let plan = plan_tensors(source, selected, options)?;
+    let shards = assign_shards(&plan, options.max_shard_bytes);
+    let shard_count = shards.len();
+    let bytes_total: u64 = plan
+        .iter()
+        .map(|p| (p.info.end - p.info.begin) as u64)
+        .sum();
+    let mut work = Workspace::default();
+    let mut reports = Vec::with_capacity(plan.len());
+    let mut shard_files = Vec::with_capacity(shard_count);
+    let mut weight_map: BTreeMap<String, String> = BTreeMap::new();
+    let mut bytes_done = 0u64;
+    for (shard_index, members) in shards.iter().enumerate() {
+        let file_name = if shard_count == 1 {
+            SINGLE_FILE.to_string()
+        } else {
+            format!(
+                "model-{:05}-of-{:05}.safetensors",
+                shard_index + 1,
+                shard_count
+            )
+        };
+        let fixed: Vec<EntrySpec> = members
+            .iter()
+            .flat_map(|&i| plan[i].outputs.iter().cloned())
+            .collect();
+        let variable: Vec<String> = members
+            .iter()
+            .filter(|&&i| plan[i].quantize)
+            .map(|&i| quant_state_name(&plan[i].info.name, options.quant_type))
+            .collect();
+        for name in fixed.iter().map(|e| &e.name).chain(&variable) {
+            weight_map.insert(name.clone(), file_name.clone());
+        }
+        let mut writer = ShardWriter::create(
+            &out_dir.join(&file_name),
+            fixed,
+            &variable,
+            MAX_QUANT_STATE_LEN,
+            metadata.clone(),
+        )?;
+        for &i in members {
+            let planned = &plan[i];
+            planned.file.prefetch(planned.info);
+            let report = if planned.quantize {
+                work.quantize_into(planned, options, &mut writer)?
+            } else {
+                copy_into(planned, &mut writer)?
+            };
+            planned.file.release(planned.info);
+            bytes_done += report.bytes_in;
+            reports.push(report);
+            progress(Progress {
+                tensors_done: reports.len(),
+                tensors_total: plan.len(),
+                bytes_done,
+                bytes_total,
+                tensor: &planned.info.name,
+            });
+        }
+        let size = writer.finish()?;
+        shard_files.push((file_name, size));
+    }
+    if shard_count > 1 {
+        write_index(out_dir, &shard_files, &weight_map)?;
+    }
+    Ok(Report {
+        tensors: reports,
+        shards: shard_files,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn quant_state_name(weight: &str, quant_type: QuantType) -> String {
+    format!("{weight}.quant_state.bitsandbytes__{}", quant_type.name())
+}
+
+fn plan_tensors<'a>(
+    source: &'a Source,
+    selected: &HashSet<String>,
+    options: &Options,
+) -> Result<Vec<Planned<'a>>> {
+    let mut found: HashSet<&str> = HashSet::new();
+    let mut plan = Vec::new();
+    for (file, info) in source.tensors() {
+        let quantize = selected.contains(&info.name);
+        if quantize {
+            found.insert(&info.name);
+            let bad = |reason: String| CheckpointError::BadSelection {
+                tensor: info.name.clone(),
+                reason,
+            };
+            if info.dtype.torch_name().is_none() {
+                return Err(bad(format!(
+                    "its dtype {} is not float32, bfloat16 or float16",
+                    info.dtype.name()
+                )));
+            }
+            if info.shape.len() != 2 || info.numel() == 0 {
+                return Err(bad(format!(
+                    "its shape {:?} is not a non-empty 2-D matrix",
+                    info.shape
+                )));
+            }
+        }
+        let outputs = if quantize {
+            quantized_outputs(info, options)
+        } else {
+            vec![EntrySpec {
+                name: info.name.clone(),
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+            }]
+        };
+        let out_bytes = outputs
+            .iter()
+            .map(|e| (e.shape.iter().product::<usize>() * e.dtype.size()) as u64)
+            .sum::<u64>()
+            + if quantize {
+                MAX_QUANT_STATE_LEN as u64
+            } else {
+                0
+            };
+        plan.push(Planned {
+            file,
+            info,
+            quantize,
+            outputs,
+            out_bytes,
+        });
+    }
+    if let Some(missing) = selected.iter().find(|name| !found.contains(name.as_str())) {
+        return Err(CheckpointError::BadSelection {
+            tensor: missing.clone(),
+            reason: "no such tensor exists in the checkpoint".into(),
+        });
+    }
+    Ok(plan)
+}
+
+/// The fixed-size tensors bitsandbytes stores for one quantized weight.
+fn quantized_outputs(info: &TensorInfo, options: &Options) -> Vec<EntrySpec> {
+    let numel = info.numel();
+    let blocks = options.blocksize.blocks(numel);
+    let entry = |suffix: &str, dtype: Dtype, shape: Vec<usize>| EntrySpec {
+        name: if suffix.is_empty() {
+            info.name.clone()
+        } else {
+            format!("{}.{suffix}", info.name)
+        },
+        dtype,
+        shape,
+    };
+    let mut outputs = vec![
+        entry("", Dtype::U8, vec![packed_len(numel), 1]),
+        entry("quant_map", Dtype::F32, vec![16]),
+    ];
+    if options.double_quant {
+        outputs.push(entry("absmax", Dtype::U8, vec![blocks]));
+        outputs.push(entry(
+            "nested_absmax",
+            Dtype::F32,
+            vec![nested_blocks(blocks)],
+        ));
+        outputs.push(entry("nested_quant_map", Dtype::F32, vec![256]));
+    } else {
+        outputs.push(entry("absmax", Dtype::F32, vec![blocks]));
+    }
+    outputs
+}
+
+/// Groups consecutive tensors into shards of at most `max_bytes` (estimated output size).
+fn assign_shards(plan: &[Planned<'_>], max_bytes: u64) -> Vec<Vec<usize>> {
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut current = 0u64;
+    for (i, planned) in plan.iter().enumerate() {
+        if current > 0 && current + planned.out_bytes > max_bytes {
+            shards.push(Vec::new());
+            current = 0;
+        }
+        current += planned.out_bytes;
+        if let Some(last) = shards.last_mut() {
+            last.push(i);
+        }
+    }
+    shards
+}
+
+fn copy_into(planned: &Planned<'_>, writer: &mut ShardWriter) -> Result<TensorReport> {
+    let bytes = planned.file.bytes(planned.info);
+    writer.write(&planned.info.name, bytes)?;
+    Ok(TensorReport {
+        name: planned.info.name.clone(),
+        quantized: false,
+        params: planned.info.numel() as u64,
+        bytes_in: bytes.len() as u64,
+        bytes_out: bytes.len() as u64,
+        squared_error: 0.0,
+        squared_norm: 0.0,
+    })
+}
+
+/// Buffers reused from tensor to tensor.
+#[derive(Default)]
+struct Workspace {
+    packed: Vec<u8>,
+    absmax: Vec<f32>,
+    codes: Vec<u8>,
+    scales: Vec<f32>,
+    decoded_absmax: Vec<f32>,
+    aligned: Vec<u32>,
+    bytes: Vec<u8>,
+}
+
+impl Workspace {
+    fn quantize_into(
+        &mut self,
+        planned: &Planned<'_>,
+        options: &Options,
+        writer: &mut ShardWriter,
+    ) -> Result<TensorReport> {
+        let info = planned.info;
+        let raw = planned.file.bytes(info);
+        let numel = info.numel();
+        let blocks = options.blocksize.blocks(numel);
+        self.packed.resize(packed_len(numel), 0);
+        self.absmax.resize(blocks, 0.0);
+        let context = |source| CheckpointError::Quantization {
+            path: planned.file.path.clone(),
+            tensor: info.name.clone(),
+            source,
+        };
+        let (squared_error, squared_norm) = match info.dtype {
+            Dtype::F32 => self.quantize_typed::<f32>(raw, options).map_err(context)?,
+            Dtype::BF16 => self.quantize_typed::<bf16>(raw, options).map_err(context)?,
+            Dtype::F16 => self.quantize_typed::<f16>(raw, options).map_err(context)?,
+            other => {
+                return Err(CheckpointError::BadSelection {
+                    tensor: info.name.clone(),
+                    reason: format!("its dtype {} cannot be quantized", other.name()),
+                })
+            }
+        };
+        let name = &info.name;
+        writer.write(name, &self.packed)?;
+        writer.write(
+            &format!("{name}.quant_map"),
+            f32_bytes(&options.quant_type.codebook().values, &mut self.bytes),
+        )?;
+        let nested_offset = if options.double_quant {
+            self.codes.resize(blocks, 0);
+            self.scales.resize(nested_blocks(blocks), 0.0);
+            let offset = double_quantize(&self.absmax, &mut self.codes, &mut self.scales)
+                .map_err(context)?;
+            writer.write(&format!("{name}.absmax"), &self.codes)?;
+            writer.write(
+                &format!("{name}.nested_absmax"),
+                f32_bytes(&self.scales, &mut self.bytes),
+            )?;
+            writer.write(
+                &format!("{name}.nested_quant_map"),
+                f32_bytes(&crate::dynamic_map(), &mut self.bytes),
+            )?;
+            Some(offset)
+        } else {
+            writer.write(
+                &format!("{name}.absmax"),
+                f32_bytes(&self.absmax, &mut self.bytes),
+            )?;
+            None
+        };
+        let state = QuantState {
+            quant_type: options.quant_type,
+            blocksize: options.blocksize,
+            dtype: info.dtype.torch_name().unwrap_or("float32"),
+            shape: &info.shape,
+            nested_offset,
+        };
+        let json = state.to_json().into_bytes();
+        let json_len = json.len();
+        writer.push_variable(format!("{name}.{}", state.key_suffix()), json);
+        let (squared_error, squared_norm) = if let Some(offset) = nested_offset {
+            // Measure against the scales as they will decode, not the exact ones.
+            self.decoded_absmax.resize(blocks, 0.0);
+            dequantize_absmax(&self.codes, &self.scales, offset, &mut self.decoded_absmax)
+                .map_err(context)?;
+            self.sample_error(raw, info.dtype, options)
+        } else {
+            (squared_error, squared_norm)
+        };
+        let bytes_out = planned
+            .outputs
+            .iter()
+            .map(|e| (e.shape.iter().product::<usize>() * e.dtype.size()) as u64)
+            .sum::<u64>()
+            + json_len as u64;
+        Ok(TensorReport {
+            name: name.clone(),
+            quantized: true,
+            params: numel as u64,
+            bytes_in: raw.len() as u64,
+            bytes_out,
+            squared_error,
+            squared_norm,
+        })
+    }
+
+    /// Quantizes into `packed`/`absmax`; without double quant also measures the error.
+    fn quantize_typed<T: Element>(
+        &mut self,
+        raw: &[u8],
+        options: &Options,
+    ) -> crate::Result<(f64, f64)> {
+        let values = typed::<T>(raw, &mut self.aligned);
+        quantize_4bit(
+            values,
+            options.quant_type,
+            options.blocksize,
+            &mut self.packed,
+            &mut self.absmax,
+        )?;
+        if options.double_quant {
+            return Ok((0.0, 0.0));
+        }
+        Ok(sampled_error(values, &self.packed, &self.absmax, options))
+    }
+
+    fn sample_error(&mut self, raw: &[u8], dtype: Dtype, options: &Options) -> (f64, f64) {
+        match dtype {
+            Dtype::F32 => sampled_error(
+                typed::<f32>(raw, &mut self.aligned),
+                &self.packed,
+                &self.decoded_absmax,
+                options,
+            ),
+            Dtype::BF16 => sampled_error(
+                typed::<bf16>(raw, &mut self.aligned),
+                &self.packed,
+                &self.decoded_absmax,
+                options,
+            ),
+            Dtype::F16 => sampled_error(
+                typed::<f16>(raw, &mut self.aligned),
+                &self.packed,
+                &self.decoded_absmax,
+                options,
+            ),
+            // Only float tensors reach here (checked when quantizing).
+            _ => (0.0, 0.0),
+        }
+    }
+}
+
+/// Squared reconstruction error and squared norm over every `stride`-th block: each
+/// block summed in float32, the blocks in float64.
+fn sampled_error<T: Element>(
+    values: &[T],
+    packed: &[u8],
+    absmax: &[f32],
+    options: &Options,
+) -> (f64, f64) {
+    let bs = options.blocksize.get();
+    let stride = options.error_sample_stride.max(1);
+    let table = &options.quant_type.codebook().values;
+    (0..absmax.len())
+        .into_par_iter()
+        .step_by(stride)
+        .map(|block| {
+            let start = block * bs;
+            let end = (start + bs).min(values.len());
+            let scaled: [f32; 16] = std::array::from_fn(|q| table[q] * absmax[block]);
+            let (mut error, mut norm) = (0.0f32, 0.0f32);
+            for (i, x) in values[start..end].iter().enumerate() {
+                let byte = packed[(start + i) / 2];
+                let nibble = if (start + i).is_multiple_of(2) {
+                    byte >> 4
+                } else {
+                    byte & 0xf
+                };
+                let x = x.to_f32();
+                let difference = scaled[usize::from(nibble)] - x;
+                error += difference * difference;
+                norm += x * x;
+            }
+            (f64::from(error), f64::from(norm))
+        })
+        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+/// `raw` as `&[T]`: borrowed when aligned, else copied into `scratch`.
+fn typed<'a, T: Element>(raw: &'a [u8], scratch: &'a mut Vec<u32>) -> &'a [T] {
+    let size = std::mem::size_of::<T>();
+    let count = raw.len() / size;
+    if (raw.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        // SAFETY: aligned, `count * size` bytes in bounds, and T (f32/bf16/f16) is valid
+        // for every bit pattern; safetensors data is little-endian like the host.
+        return unsafe { std::slice::from_raw_parts(raw.as_ptr().cast::<T>(), count) };
+    }
+    scratch.clear();
+    scratch.resize((raw.len()).div_ceil(4), 0);
+    // SAFETY: the u32 buffer is 4-aligned (enough for T) and at least raw.len() bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(raw.as_ptr(), scratch.as_mut_ptr().cast::<u8>(), raw.len());
+        std::slice::from_raw_parts(scratch.as_ptr().cast::<T>(), count)
+    }
+}
+
+fn f32_bytes<'a>(values: &[f32], buffer: &'a mut Vec<u8>) -> &'a [u8] {
+    buffer.clear();
+    buffer.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    buffer
+}
+
+fn write_index(
+    out_dir: &Path,
+    shards: &[(String, u64)],
+    weight_map: &BTreeMap<String, String>,
+) -> Result<()> {
+    let total: u64 = shards.iter().map(|(_, size)| size).sum();
+    let map: Map<String, Value> = weight_map
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let index = json!({"metadata": {"total_size": total}, "weight_map": map});
+    let path: PathBuf = out_dir.join(INDEX_FILE);
+    let text = serde_json::to_string_pretty(&index).unwrap_or_default();
+    std::fs::write(&path, text + "\n").map_err(CheckpointError::io(&path))
+}
