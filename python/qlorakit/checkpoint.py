@@ -73,7 +73,7 @@ class QuantizeReport:
                 f"size {human_bytes(self.bytes_in)} -> {human_bytes(self.bytes_out)} "
                 f"in {len(self.shards)} file(s), {self.bits_per_param:.3f} bits/parameter",
                 f"mean relative reconstruction error {self.mean_relative_error:.4f} "
-                f"(sampled: every {_core.ERROR_SAMPLE_STRIDE}th block)",
+                f"(sampled on 1 block in {_core.ERROR_SAMPLE_STRIDE})",
                 f"wall time {self.seconds:.2f} s, {self.gb_per_s:.2f} GB/s -> {self.destination}",
             ]
         )

@@ -4,84 +4,58 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
-import time
+import tempfile
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from qlorakit import __version__
-
-if TYPE_CHECKING:
-    import torch
 from qlorakit.checkpoint import inspect_checkpoint, quantize_checkpoint, verify_checkpoint
 from qlorakit.errors import QlorakitError
 from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE
 
-#: The embedded default workload: the seven linear weights of one Llama-2-7B decoder
-#: layer (out_features, in_features), bf16.
-LLAMA_7B_LAYER: tuple[tuple[str, tuple[int, int]], ...] = (
-    ("self_attn.q_proj", (4096, 4096)),
-    ("self_attn.k_proj", (4096, 4096)),
-    ("self_attn.v_proj", (4096, 4096)),
-    ("self_attn.o_proj", (4096, 4096)),
-    ("mlp.gate_proj", (11008, 4096)),
-    ("mlp.up_proj", (11008, 4096)),
-    ("mlp.down_proj", (4096, 11008)),
-)
+#: Layers of the embedded default checkpoint (TinyLlama-1.1B's shape; 438 MB in bf16).
+DEMO_LAYERS = 2
 
 
-def synthetic_weight(shape: tuple[int, int], seed: int) -> torch.Tensor:
-    """A deterministic bf16 weight with the heavy-tailed spread of trained LLM weights."""
-    import torch
+def run_demo(args: argparse.Namespace) -> int:
+    """The main job on the embedded default: writes a deterministic synthetic checkpoint,
+    quantizes it as ``qlorakit quantize`` does, and verifies the result against it."""
+    from qlorakit.synthetic import write_synthetic_llama
 
-    generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(shape, generator=generator) * 0.02
-    outliers = torch.rand(shape, generator=generator) < 1e-3
-    return torch.where(outliers, weight * 8, weight).to(torch.bfloat16)
-
-
-def run_demo(quant_type: str, blocksize: int, double_quant: bool) -> int:
-    """Quantizes the embedded layer, checks the round trip, prints a summary."""
-    import torch
-
-    from qlorakit.packed import PackedWeight
-    from qlorakit.quantization import dequantize, quantize
-
-    print(f"qlorakit {__version__}: {quant_type} blocksize {blocksize} double-quant {double_quant}")
-    print("embedded default: the 7 linear weights of one Llama-2-7B layer, bf16 (deterministic synthetic values)")
-    total_params = total_in = total_out = 0
-    total_seconds = 0.0
-    squared_error = squared_norm = 0.0
-    for index, (name, shape) in enumerate(LLAMA_7B_LAYER):
-        weight = synthetic_weight(shape, index)
-        start = time.perf_counter()
-        packed = quantize(weight, quant_type, blocksize, double_quant)
-        seconds = time.perf_counter() - start
-        restored = PackedWeight.from_state_dict(packed.state_dict("weight"), "weight")
-        decoded = dequantize(restored, torch.float32)
-        reference = weight.float()
-        error = float((decoded - reference).pow(2).sum())
-        norm = float(reference.pow(2).sum())
-        print(
-            f"  {name:<17} {shape[0]:>5} x {shape[1]:<5} {weight.numel() / seconds / 1e9:6.2f} Gparam/s  "
-            f"relative error {(error / norm) ** 0.5:.4f}"
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="qlorakit-demo-"))
+    source, output = workdir / "tinyllama-demo-bf16", workdir / "tinyllama-demo-4bit"
+    print(
+        f"qlorakit {__version__} demo: TinyLlama-1.1B's architecture, first {args.layers} layers, "
+        "deterministic synthetic bf16 weights"
+    )
+    try:
+        if not source.exists():
+            params = write_synthetic_llama(source, layers=args.layers)
+            print(f"wrote the source checkpoint: {params / 1e6:.1f} M parameters -> {source}")
+        print(f"$ qlorakit quantize {source} {output} --quant-type {args.quant_type} --blocksize {args.blocksize}")
+        report = quantize_checkpoint(
+            source,
+            output,
+            quant_type=args.quant_type,
+            blocksize=args.blocksize,
+            double_quant=args.double_quant,
+            force=True,
+            progress=True,
         )
-        total_params += weight.numel()
-        total_in += weight.numel() * weight.element_size()
-        total_out += packed.nbytes
-        total_seconds += seconds
-        squared_error += error
-        squared_norm += norm
-    print(
-        f"quantized {total_params / 1e6:.1f} M parameters in {total_seconds:.3f} s "
-        f"({total_params / total_seconds / 1e9:.2f} Gparam/s, {total_in / total_seconds / 1e9:.2f} GB/s of bf16 input)"
-    )
-    print(
-        f"size {total_in / 2**20:.1f} MiB -> {total_out / 2**20:.1f} MiB, "
-        f"{8 * total_out / total_params:.3f} bits/parameter, "
-        f"relative reconstruction error {(squared_error / squared_norm) ** 0.5:.4f}"
-    )
-    return 0
+        print(report.summary())
+        verified = verify_checkpoint(output, against=source)
+        errors = verified.per_tensor_error.values()
+        print(
+            f"verify: {verified.tensors_checked} checksums and {verified.weights_decoded} decoded weights "
+            f"{'OK' if verified.ok else 'FAILED'}; relative error vs source: mean "
+            f"{sum(errors) / len(errors):.4f}, worst {max(errors):.4f}"
+        )
+        return 0 if verified.ok else 1
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -149,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qlorakit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
-        "demo", help="quantize an embedded default workload (one Llama-7B layer) and report speed and error"
+        "demo", help="quantize an embedded default checkpoint (synthetic TinyLlama-shaped, 2 layers) and verify it"
     )
+    demo.add_argument("--layers", type=int, default=DEMO_LAYERS, help=f"decoder layers (default {DEMO_LAYERS})")
+    demo.add_argument("--workdir", help="keep the source and output here (default: a temporary directory)")
     demo.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
     demo.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=DEFAULT_BLOCKSIZE)
     demo.add_argument("--no-double-quant", dest="double_quant", action="store_false")
@@ -194,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script. Exit codes: 0 ok, 1 failure, 2 usage error."""
     args = build_parser().parse_args(argv)
     commands = {
-        "demo": lambda: run_demo(args.quant_type, args.blocksize, args.double_quant),
+        "demo": lambda: run_demo(args),
         "quantize": lambda: run_quantize(args),
         "inspect": lambda: run_inspect(args),
         "verify": lambda: run_verify(args),

@@ -252,6 +252,23 @@ fn node_ref<'a>(json: &'a Json, path: &[usize]) -> &'a Json {
     }
 }
 
+fn is_number(json: &Json) -> bool {
+    matches!(json, Json::Num(_))
+}
+
+fn is_nonempty_object(json: &Json) -> bool {
+    matches!(json, Json::Obj(entries) if !entries.is_empty())
+}
+
+fn is_number_pair(json: &Json) -> bool {
+    matches!(json, Json::Arr(items) if items.len() == 2 && items.iter().all(is_number))
+}
+
+/// An object with a usable `data_offsets` entry (a tensor, possibly damaged elsewhere).
+fn is_tensor_entry(json: &Json) -> bool {
+    entry_offsets(json).is_some()
+}
+
 /// `[begin, end]` of a `data_offsets` value, when it is two plain non-decreasing integers.
 fn offsets(value: &Json) -> Option<(usize, usize)> {
     let Json::Arr(items) = value else { return None };
@@ -344,10 +361,9 @@ fn mutate_json(rng: &mut Rng, root: &mut Json, data_len: usize) {
     match rng.below(14) {
         // Swap two numbers.
         0 => {
-            let is_num = |j: &Json| matches!(j, Json::Num(_));
             if let (Some(a), Some(b)) = (
-                random_node_path(rng, root, is_num),
-                random_node_path(rng, root, is_num),
+                random_node_path(rng, root, is_number),
+                random_node_path(rng, root, is_number),
             ) {
                 let first = node_ref(root, &a).clone();
                 let second = std::mem::replace(node_mut(root, &b), first);
@@ -356,7 +372,7 @@ fn mutate_json(rng: &mut Rng, root: &mut Json, data_len: usize) {
         }
         // A number becomes negative, huge, fractional, or just another size.
         1 | 2 => {
-            if let Some(path) = random_node_path(rng, root, |j| matches!(j, Json::Num(_))) {
+            if let Some(path) = random_node_path(rng, root, is_number) {
                 *node_mut(root, &path) = Json::Num(nasty_number(rng, data_len));
             }
         }
@@ -368,9 +384,7 @@ fn mutate_json(rng: &mut Rng, root: &mut Json, data_len: usize) {
         }
         // Delete a key.
         4 => {
-            if let Some(path) =
-                random_node_path(rng, root, |j| matches!(j, Json::Obj(e) if !e.is_empty()))
-            {
+            if let Some(path) = random_node_path(rng, root, is_nonempty_object) {
                 if let Json::Obj(entries) = node_mut(root, &path) {
                     let i = rng.below(entries.len());
                     entries.remove(i);
@@ -379,9 +393,7 @@ fn mutate_json(rng: &mut Rng, root: &mut Json, data_len: usize) {
         }
         // Duplicate a key, the copy sometimes changed.
         5 => {
-            if let Some(path) =
-                random_node_path(rng, root, |j| matches!(j, Json::Obj(e) if !e.is_empty()))
-            {
+            if let Some(path) = random_node_path(rng, root, is_nonempty_object) {
                 let changed = rng.chance(1, 2).then(|| random_value(rng, data_len));
                 if let Json::Obj(entries) = node_mut(root, &path) {
                     let i = rng.below(entries.len());
@@ -409,9 +421,7 @@ fn mutate_json(rng: &mut Rng, root: &mut Json, data_len: usize) {
                 "__metadata__",
             ];
             let text = rng.pick(&texts).to_string();
-            if let Some(path) =
-                random_node_path(rng, root, |j| matches!(j, Json::Obj(e) if !e.is_empty()))
-            {
+            if let Some(path) = random_node_path(rng, root, is_nonempty_object) {
                 if let Json::Obj(entries) = node_mut(root, &path) {
                     let i = rng.below(entries.len());
                     entries[i].0 = text;
@@ -428,11 +438,7 @@ fn mutate_json(rng: &mut Rng, root: &mut Json, data_len: usize) {
         }
         // Offsets aimed at the buffer's edges, or reversed.
         8 => {
-            if let Some(path) = random_node_path(
-                rng,
-                root,
-                |j| matches!(j, Json::Arr(items) if items.len() == 2 && items.iter().all(|i| matches!(i, Json::Num(_)))),
-            ) {
+            if let Some(path) = random_node_path(rng, root, is_number_pair) {
                 let begin = rng.below(data_len + 2);
                 let end = match rng.below(4) {
                     0 => begin.saturating_sub(1),
@@ -445,10 +451,9 @@ fn mutate_json(rng: &mut Rng, root: &mut Json, data_len: usize) {
         }
         // A tensor moved onto (or next to) another one, keeping its length: overlaps.
         12 | 13 => {
-            let is_entry = |j: &Json| matches!(j, Json::Obj(e) if e.iter().any(|(k, v)| k == "data_offsets" && offsets(v).is_some()));
             if let (Some(a), Some(b)) = (
-                random_node_path(rng, root, is_entry),
-                random_node_path(rng, root, is_entry),
+                random_node_path(rng, root, is_tensor_entry),
+                random_node_path(rng, root, is_tensor_entry),
             ) {
                 let (a_begin, a_end) = entry_offsets(node_ref(root, &a)).unwrap();
                 let (b_begin, b_end) = entry_offsets(node_ref(root, &b)).unwrap();
@@ -770,9 +775,12 @@ fn parser_never_panics_and_accepts_only_safe_files() {
             valid += 1;
         }
         if let Some(problem) = problem {
+            let repro = format!(
+                "QLORAKIT_FUZZ_SEED={base_seed} QLORAKIT_FUZZ_ITERATIONS={}",
+                iteration + 1
+            );
             failures.push(format!(
-                "iteration {iteration} (QLORAKIT_FUZZ_SEED={base_seed} QLORAKIT_FUZZ_ITERATIONS={}): {problem}\n  input {}",
-                iteration + 1,
+                "iteration {iteration} ({repro}): {problem}\n  input {}",
                 describe(&bytes)
             ));
             if failures.len() >= 5 {
@@ -782,7 +790,8 @@ fn parser_never_panics_and_accepts_only_safe_files() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     eprintln!(
-        "safetensors fuzz: {iterations} inputs, {accepted} accepted ({valid} undamaged), {rejected} rejected"
+        "safetensors fuzz: {iterations} inputs, {accepted} accepted \
+         ({valid} undamaged), {rejected} rejected"
     );
     // The generator must reach both sides, or the loop tests nothing.
     assert!(accepted > iterations / 10 && rejected > iterations / 3);
