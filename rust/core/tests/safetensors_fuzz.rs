@@ -3,9 +3,10 @@
 //!
 //! Each iteration builds a valid safetensors image (a few tensors of random dtypes and
 //! shapes, an optional `__metadata__`), then damages it: edits of the header JSON (swapped
-//! numbers, negative / huge / fractional offsets, wrong types, deleted and duplicated keys,
-//! unicode and escapes, deeply nested arrays, bad dtypes and shapes) and edits of the bytes
-//! (flips, truncation, random header lengths, inserted and deleted bytes, invalid UTF-8).
+//! numbers, negative / huge / fractional offsets, tensors moved onto each other, wrong
+//! types, deleted and duplicated keys, unicode and escapes, deeply nested arrays, bad
+//! dtypes and shapes) and edits of the bytes (flips, truncation, random header lengths,
+//! inserted and deleted bytes, invalid UTF-8).
 //! `parse` must return `Ok` or `Err` without panicking, and on `Ok` every tensor's
 //! `[begin, end)` lies inside the data buffer, is `numel * dtype.size()` bytes long, and
 //! no two non-empty tensors overlap.

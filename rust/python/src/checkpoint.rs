@@ -120,21 +120,27 @@ pub fn quantize_checkpoint<'py>(
     let result = py.detach(|| {
         pool.install(|| {
             let source = Source::open(&source)?;
+            // Each tensor: take the GIL briefly to run pending signal handlers (Ctrl-C) and
+            // the progress callback; an exception from either stops the run.
             let mut report_progress = |p: checkpoint::Progress<'_>| {
-                if let (Some(callback), None) = (&progress, &callback_error) {
-                    Python::attach(|py| {
-                        let args = (
-                            p.tensors_done,
-                            p.tensors_total,
-                            p.bytes_done,
-                            p.bytes_total,
-                            p.tensor,
-                        );
-                        if let Err(err) = callback.call1(py, args) {
-                            callback_error = Some(err);
-                        }
+                Python::attach(|py| {
+                    let outcome = py.check_signals().and_then(|()| match &progress {
+                        Some(callback) => callback
+                            .call1(
+                                py,
+                                (
+                                    p.tensors_done,
+                                    p.tensors_total,
+                                    p.bytes_done,
+                                    p.bytes_total,
+                                    p.tensor,
+                                ),
+                            )
+                            .map(drop),
+                        None => Ok(()),
                     });
-                }
+                    outcome.map_err(|err| callback_error = Some(err)).is_ok()
+                })
             };
             checkpoint::quantize_checkpoint(
                 &source,

@@ -57,6 +57,9 @@ pub enum CheckpointError {
     #[error("{path}: no safetensors checkpoint here (expected model.safetensors or model.safetensors.index.json)")]
     NoCheckpoint { path: PathBuf },
 
+    #[error("cancelled")]
+    Cancelled,
+
     #[error("tensor '{tensor}' was selected for quantization but {reason}")]
     BadSelection { tensor: String, reason: String },
 }

@@ -82,14 +82,15 @@ struct Planned<'a> {
     out_bytes: u64,
 }
 
-/// Runs the whole pipeline into `out_dir` (which must exist and be empty).
+/// Runs the whole pipeline into `out_dir` (which must exist and be empty). `progress` is
+/// called after each tensor; returning `false` stops the run with [`CheckpointError::Cancelled`].
 pub fn quantize_checkpoint(
     source: &Source,
     selected: &HashSet<String>,
     out_dir: &Path,
     options: &Options,
     metadata: &BTreeMap<String, String>,
-    progress: &mut dyn FnMut(Progress<'_>),
+    progress: &mut dyn FnMut(Progress<'_>) -> bool,
 ) -> Result<Report> {
     let start = Instant::now();
     let plan = plan_tensors(source, selected, options)?;
@@ -144,13 +145,16 @@ pub fn quantize_checkpoint(
             planned.file.release(planned.info);
             bytes_done += report.bytes_in;
             reports.push(report);
-            progress(Progress {
+            let carry_on = progress(Progress {
                 tensors_done: reports.len(),
                 tensors_total: plan.len(),
                 bytes_done,
                 bytes_total,
                 tensor: &planned.info.name,
             });
+            if !carry_on {
+                return Err(CheckpointError::Cancelled);
+            }
         }
         let size = writer.finish()?;
         shard_files.push((file_name, size));
