@@ -685,6 +685,21 @@ def test_sigint_mid_run_leaves_no_dst_and_no_staging(tmp_path: Path) -> None:
     assert snapshot(src) == before
 
 
+def test_sigint_stops_the_run_within_a_tensor(tmp_path: Path) -> None:
+    """Ctrl-C must not wait for the rest of the model (minutes on a big one): the run
+    stops at the next tensor boundary after the signal."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    interruptible_model(src)
+    out.mkdir()
+    proc, read_end, queued, _ = start_blocked_run(src, out / "dst")
+    proc.send_signal(signal.SIGINT)
+    stderr = drain(read_end)[queued:].decode()
+    assert proc.wait(CLI_TIMEOUT_S) == 130, stderr
+    done = [int(n) for n in re.findall(r"^\[[#-]+\] (\d+)/6 tensors", stderr, re.MULTILINE)]
+    assert done and max(done) <= 2, f"after SIGINT (during tensor 1 of 6) the run went on:\n{stderr}"
+    assert_nothing_written(out)
+
+
 def test_killed_run_leaves_no_dst_and_a_new_run_succeeds(tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     interruptible_model(src)

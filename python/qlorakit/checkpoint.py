@@ -133,7 +133,7 @@ def quantize_checkpoint(
         # Replacing a destination that holds the source would delete the source.
         raise ValueError(f"destination {destination} must not be the source, inside it, or contain it")
     if destination.exists() and not force:
-        raise FileExistsError(f"{destination} exists; pass force=True (--force) to replace it")
+        raise FileExistsError(f"{destination} exists; replace it with --force (force=True in Python)")
     source_dir = source if source.is_dir() else None
     listing = _core.list_tensors(str(source))
     tensors = [(name, dtype, shape) for name, dtype, shape, _ in listing]
@@ -153,11 +153,12 @@ def quantize_checkpoint(
     }
     callback = ProgressBar() if progress is True else (progress or None)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = destination.parent / f".{destination.name}.qlorakit-partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    _remove_stale_staging(destination)
+    staging = destination.parent / f"{_staging_prefix(destination)}{os.getpid()}"
     start = time.perf_counter()
     try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
         raw = _core.quantize_checkpoint(
             str(source),
             str(staging),
@@ -170,14 +171,15 @@ def quantize_checkpoint(
             threads,
             callback,
         )
-        write_config(
-            source_dir,
-            staging,
-            quantization_config(quant_type, double_quant, options["compute_dtype"], selection.skip_modules),
-        )
+        quant_config = quantization_config(quant_type, double_quant, options["compute_dtype"], selection.skip_modules)
+        write_config(source_dir, staging, quant_config)
         copy_other_files(source_dir, staging)
         _sync_tree(staging)
         _replace(staging, destination)
+    except CheckpointError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        # Name the destination the user gave, not the staging directory (gone by now).
+        raise CheckpointError(str(exc).replace(str(staging), str(destination))) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -204,6 +206,30 @@ def _report(source: Path, destination: Path, raw: dict, selection: Selection, se
         shards=[(name, size) for name, size in raw["shards"]],
         per_tensor_error={t[0]: math.sqrt(t[5] / t[6]) if t[6] else 0.0 for t in quantized},
     )
+
+
+def _staging_prefix(destination: Path) -> str:
+    return f".{destination.name}.qlorakit-partial-"
+
+
+def _remove_stale_staging(destination: Path) -> None:
+    """Deletes staging directories that killed runs left beside ``destination``
+    (those whose process no longer exists)."""
+    prefix = _staging_prefix(destination)
+    for leftover in destination.parent.glob(f"{prefix}*"):
+        pid = leftover.name.removeprefix(prefix)
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
 
 
 def _sync_tree(directory: Path) -> None:

@@ -2,6 +2,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -14,6 +17,9 @@ use crate::{parse_quant_type, to_py_err, CheckpointError};
 fn checkpoint_err(err: CoreError) -> PyErr {
     CheckpointError::new_err(err.to_string())
 }
+
+/// (tensors_done, tensors_total, bytes_done, bytes_total, tensor name), as the callback gets it.
+type ProgressEvent = (usize, usize, u64, u64, String);
 
 /// (name, dtype, shape, file) of one tensor.
 type TensorRow = (String, String, Vec<usize>, String);
@@ -116,43 +122,74 @@ pub fn quantize_checkpoint<'py>(
         .num_threads(threads.unwrap_or(0))
         .build()
         .map_err(|e| CheckpointError::new_err(format!("cannot start worker threads: {e}")))?;
-    let mut callback_error: Option<PyErr> = None;
-    let result = py.detach(|| {
-        pool.install(|| {
-            let source = Source::open(&source)?;
-            // Each tensor: take the GIL briefly to run pending signal handlers (Ctrl-C) and
-            // the progress callback; an exception from either stops the run.
-            let mut report_progress = |p: checkpoint::Progress<'_>| {
-                Python::attach(|py| {
-                    let outcome = py.check_signals().and_then(|()| match &progress {
-                        Some(callback) => callback
-                            .call1(
-                                py,
-                                (
-                                    p.tensors_done,
-                                    p.tensors_total,
-                                    p.bytes_done,
-                                    p.bytes_total,
-                                    p.tensor,
-                                ),
-                            )
-                            .map(drop),
-                        None => Ok(()),
-                    });
-                    outcome.map_err(|err| callback_error = Some(err)).is_ok()
+    let (events, received) = mpsc::channel::<ProgressEvent>();
+    // The pipeline runs on a worker thread; this (calling, usually main) thread waits
+    // without the GIL and takes it briefly every tick and after each tensor, to run Python
+    // signal handlers — only the main thread can, so Ctrl-C works — and the progress
+    // callback. An exception from either sets `cancelled`, which stops the pipeline after
+    // the tensor at hand.
+    let (result, interrupt) = py.detach(move || {
+        let cancelled = AtomicBool::new(false);
+        let mut interrupt: Option<PyErr> = None;
+        let result = std::thread::scope(|scope| {
+            let (source, selected, out_dir, options, metadata, pool, cancelled) = (
+                &source, &selected, &out_dir, &options, &metadata, &pool, &cancelled,
+            );
+            // The worker owns the sender: when it finishes, the channel disconnects.
+            let worker = scope.spawn(move || {
+                pool.install(|| {
+                    let source = Source::open(source)?;
+                    let mut report_progress = |p: checkpoint::Progress<'_>| {
+                        let event = (
+                            p.tensors_done,
+                            p.tensors_total,
+                            p.bytes_done,
+                            p.bytes_total,
+                            p.tensor.to_string(),
+                        );
+                        let _ = events.send(event);
+                        !cancelled.load(Ordering::Relaxed)
+                    };
+                    checkpoint::quantize_checkpoint(
+                        &source,
+                        selected,
+                        out_dir,
+                        options,
+                        metadata,
+                        &mut report_progress,
+                    )
                 })
-            };
-            checkpoint::quantize_checkpoint(
-                &source,
-                &selected,
-                &out_dir,
-                &options,
-                &metadata,
-                &mut report_progress,
-            )
-        })
+            });
+            loop {
+                let event = match received.recv_timeout(Duration::from_millis(50)) {
+                    Ok(event) => Some(event),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                };
+                if interrupt.is_some() {
+                    continue;
+                }
+                let outcome = Python::attach(|py| {
+                    py.check_signals()?;
+                    match (&progress, event) {
+                        (Some(callback), Some(event)) => callback.call1(py, event).map(drop),
+                        _ => Ok(()),
+                    }
+                });
+                if let Err(err) = outcome {
+                    interrupt = Some(err);
+                    cancelled.store(true, Ordering::Relaxed);
+                }
+            }
+            worker.join().unwrap_or_else(|_| {
+                Err(CoreError::Internal(
+                    "the quantization worker panicked".into(),
+                ))
+            })
+        });
+        (result, interrupt)
     });
-    if let Some(err) = callback_error {
+    if let Some(err) = interrupt {
         return Err(err);
     }
     let report = result.map_err(checkpoint_err)?;

@@ -16,6 +16,14 @@ pub enum CheckpointError {
         source: std::io::Error,
     },
 
+    #[error("{path}: tensor '{tensor}': cannot write: {source}")]
+    WriteTensor {
+        path: PathBuf,
+        tensor: String,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("{path}: not a safetensors file: {reason}")]
     InvalidFile { path: PathBuf, reason: String },
 
@@ -59,6 +67,10 @@ pub enum CheckpointError {
 
     #[error("cancelled")]
     Cancelled,
+
+    /// A bug: a worker thread panicked. Reported as an error rather than aborting.
+    #[error("internal error: {0}")]
+    Internal(String),
 
     #[error("tensor '{tensor}' was selected for quantization but {reason}")]
     BadSelection { tensor: String, reason: String },

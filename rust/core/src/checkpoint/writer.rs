@@ -151,7 +151,11 @@ impl ShardWriter {
         let position = (self.data_start + placed.begin) as u64;
         self.file
             .write_all_at(bytes, position)
-            .map_err(CheckpointError::io(&self.path))?;
+            .map_err(|source| CheckpointError::WriteTensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                source,
+            })?;
         start_writeback(&self.file, position, bytes.len());
         placed.written = true;
         self.checksums
