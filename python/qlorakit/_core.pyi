@@ -60,3 +60,13 @@ def quantize_checkpoint(
     progress: Any = None,
 ) -> dict[str, Any]:
     """Quantize the ``selected`` tensors of ``source`` into the empty directory ``out_dir``."""
+
+def quant_state_json(
+    quant_type: str,
+    blocksize: int,
+    dtype: str,
+    shape: list[int],
+    nested_offset: float | None = None,
+    nested_dtype: str = "float32",
+) -> str:
+    """The quant_state JSON bitsandbytes stores beside a weight, byte-for-byte as it writes it."""

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from qlorakit import _core
 from qlorakit._core import QuantizationError
-from qlorakit.formats import NESTED_BLOCKSIZE, QUANT_TYPES
+from qlorakit.formats import QUANT_TYPES
 from qlorakit.tables import code_table, dtype_from_name, dtype_name, dynamic_map
 
 _QUANT_STATE_PREFIX = "quant_state.bitsandbytes__"
@@ -67,19 +68,17 @@ class PackedWeight:
             total += self.nested_absmax.numel() * 4 + 4
         return total
 
-    def quant_state_json(self) -> dict:
-        """The quant_state dictionary bitsandbytes serializes, keys in its order."""
-        state: dict = {
-            "quant_type": self.quant_type,
-            "blocksize": self.blocksize,
-            "dtype": dtype_name(self.dtype),
-            "shape": list(self.shape),
-        }
-        if self.double_quant:
-            state["nested_blocksize"] = NESTED_BLOCKSIZE
-            state["nested_dtype"] = dtype_name(self.nested_dtype)
-            state["nested_offset"] = float(self.offset)  # type: ignore[arg-type]
-        return state
+    def quant_state_json(self) -> str:
+        """The quant_state JSON bitsandbytes serializes (written by the core, the one
+        definition the checkpoint tool uses too)."""
+        return _core.quant_state_json(
+            self.quant_type,
+            self.blocksize,
+            dtype_name(self.dtype),
+            list(self.shape),
+            float(self.offset) if self.double_quant else None,  # type: ignore[arg-type]
+            dtype_name(self.nested_dtype),
+        )
 
     def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
         """The tensors a packed checkpoint stores, under bitsandbytes' key names."""
@@ -94,7 +93,7 @@ class PackedWeight:
         if self.nested_absmax is not None:
             tensors[f"{prefix}.nested_absmax"] = self.nested_absmax
             tensors[f"{prefix}.nested_quant_map"] = dynamic_map()
-        state_json = json.dumps(self.quant_state_json()).encode("utf-8")
+        state_json = self.quant_state_json().encode("utf-8")
         key = f"{prefix}.{_QUANT_STATE_PREFIX}{self.quant_type}"
         tensors[key] = torch.frombuffer(bytearray(state_json), dtype=torch.uint8)
         return tensors

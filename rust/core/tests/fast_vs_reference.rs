@@ -31,8 +31,9 @@ const ROUNDS: usize = if cfg!(debug_assertions) { 1 } else { 4 };
 // Deterministic random numbers
 // ---------------------------------------------------------------------------------------
 
-/// splitmix64: tiny, fast and good enough for test inputs.
-struct Rng(u64);
+mod common;
+
+use common::Rng;
 
 impl Rng {
     /// A generator whose stream depends on the element type and a per-test salt.
@@ -41,19 +42,6 @@ impl Rng {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         });
         Rng(name_hash ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n`.
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
     }
 
     /// Uniform in `lo..hi`.

@@ -38,23 +38,11 @@ const DTYPES: [&str; 15] = [
 // Deterministic random numbers
 // ---------------------------------------------------------------------------------------
 
-/// splitmix64.
-struct Rng(u64);
+mod common;
+
+use common::Rng;
 
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n > 0`).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
     fn chance(&mut self, numerator: u64, denominator: u64) -> bool {
         self.next_u64() % denominator < numerator
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use qlorakit_core::checkpoint::quant_state::QuantState;
 use qlorakit_core::checkpoint::safetensors::SafetensorsFile;
 use qlorakit_core::checkpoint::{self, CheckpointError as CoreError, Options, Source};
 use qlorakit_core::Blocksize;
@@ -89,6 +90,28 @@ pub fn tensor_checksums(py: Python<'_>, path: PathBuf) -> PyResult<BTreeMap<Stri
             .collect())
     })
     .map_err(checkpoint_err)
+}
+
+/// The quant_state JSON bitsandbytes stores beside a weight, byte-for-byte as it writes it.
+#[pyfunction]
+#[pyo3(signature = (quant_type, blocksize, dtype, shape, nested_offset=None, nested_dtype="float32"))]
+pub fn quant_state_json(
+    quant_type: &str,
+    blocksize: usize,
+    dtype: &str,
+    shape: Vec<usize>,
+    nested_offset: Option<f32>,
+    nested_dtype: &str,
+) -> PyResult<String> {
+    let state = QuantState {
+        quant_type: parse_quant_type(quant_type)?,
+        blocksize: Blocksize::new(blocksize).map_err(to_py_err)?,
+        dtype,
+        shape: &shape,
+        nested_offset,
+        nested_dtype,
+    };
+    Ok(state.to_json())
 }
 
 /// Quantizes the checkpoint at `source` into the existing empty directory `out_dir`.

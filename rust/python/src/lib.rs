@@ -243,6 +243,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CheckpointError", py.get_type::<CheckpointError>())?;
     m.add_function(wrap_pyfunction!(checkpoint::quantize_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::list_tensors, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::quant_state_json, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::read_header, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::tensor_checksums, m)?)?;
     m.add(

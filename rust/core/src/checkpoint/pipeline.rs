@@ -373,6 +373,7 @@ impl Workspace {
             dtype: info.dtype.torch_name().unwrap_or("float32"),
             shape: &info.shape,
             nested_offset,
+            nested_dtype: "float32",
         };
         let json = state.to_json().into_bytes();
         let json_len = json.len();

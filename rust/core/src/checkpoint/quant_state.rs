@@ -14,6 +14,9 @@ pub struct QuantState<'a> {
     pub shape: &'a [usize],
     /// Offset of double quantization, if used.
     pub nested_offset: Option<f32>,
+    /// Torch name of the dtype the nested level decodes to (`"float32"`; bitsandbytes
+    /// records `"bfloat16"` after a CPU inference pass).
+    pub nested_dtype: &'a str,
 }
 
 impl QuantState<'_> {
@@ -34,7 +37,8 @@ impl QuantState<'_> {
         );
         if let Some(offset) = self.nested_offset {
             json.push_str(&format!(
-                ", \"nested_blocksize\": {NESTED_BLOCKSIZE}, \"nested_dtype\": \"float32\", \"nested_offset\": {}",
+                ", \"nested_blocksize\": {NESTED_BLOCKSIZE}, \"nested_dtype\": \"{}\", \"nested_offset\": {}",
+                self.nested_dtype,
                 python_float_repr(f64::from(offset))
             ));
         }
@@ -138,6 +142,7 @@ mod tests {
             dtype: "bfloat16",
             shape: &[64, 128],
             nested_offset: Some(0.051_332_474),
+            nested_dtype: "float32",
         };
         assert_eq!(
             state.to_json(),

@@ -99,24 +99,24 @@ impl ShardWriter {
         Ok(writer)
     }
 
+    /// Header entries of the fixed-size tensors, in offset order.
+    fn fixed_entries(&self) -> Vec<(String, Value)> {
+        self.placed
+            .iter()
+            .map(|p| {
+                let end = p.begin + p.spec.byte_len();
+                (
+                    p.spec.name.clone(),
+                    entry_json(p.spec.dtype, &p.spec.shape, p.begin, end),
+                )
+            })
+            .collect()
+    }
+
     /// Header bytes to reserve: the header rendered with every unknown at its largest.
     fn reserved_header_len(&self, variable: &[String], max_variable_len: usize) -> usize {
         let worst_offset = usize::MAX / 2;
-        let mut entries: Vec<(String, Value)> = self
-            .placed
-            .iter()
-            .map(|p| {
-                (
-                    p.spec.name.clone(),
-                    entry_json(
-                        p.spec.dtype,
-                        &p.spec.shape,
-                        p.begin,
-                        p.begin + p.spec.byte_len(),
-                    ),
-                )
-            })
-            .collect();
+        let mut entries = self.fixed_entries();
         for name in variable {
             entries.push((
                 name.clone(),
@@ -180,21 +180,7 @@ impl ShardWriter {
                 "planned but never written",
             ));
         }
-        let mut entries: Vec<(String, Value)> = self
-            .placed
-            .iter()
-            .map(|p| {
-                (
-                    p.spec.name.clone(),
-                    entry_json(
-                        p.spec.dtype,
-                        &p.spec.shape,
-                        p.begin,
-                        p.begin + p.spec.byte_len(),
-                    ),
-                )
-            })
-            .collect();
+        let mut entries = self.fixed_entries();
         let mut offset = self.tail_begin;
         for (name, bytes) in &self.tail {
             self.file
