@@ -13,6 +13,7 @@ from qlorakit.checkpoint import QuantizeReport, inspect_checkpoint, quantize_che
 from qlorakit.errors import CheckpointError, NonFiniteError, QlorakitError, QuantizationError
 
 if TYPE_CHECKING:
+    from qlorakit.loading import load_packed
     from qlorakit.packed import PackedWeight
     from qlorakit.quantization import decode_absmax, dequantize, quantize
 
@@ -21,6 +22,7 @@ _LAZY = {
     "decode_absmax": "qlorakit.quantization",
     "dequantize": "qlorakit.quantization",
     "quantize": "qlorakit.quantization",
+    "load_packed": "qlorakit.loading",
 }
 
 
@@ -43,6 +45,7 @@ __all__ = [
     "decode_absmax",
     "dequantize",
     "inspect_checkpoint",
+    "load_packed",
     "quantize",
     "quantize_checkpoint",
     "verify_checkpoint",

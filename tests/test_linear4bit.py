@@ -1,0 +1,193 @@
+"""``qlorakit.nn.Linear4bit`` and ``qlorakit.load_packed`` against dense layers,
+bitsandbytes' ``Linear4bit`` and transformers + bitsandbytes loading the same files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import minilm_dir
+
+import qlorakit
+from qlorakit.nn import Linear4bit
+
+
+def make_layer(out_features: int, in_features: int, bias: bool, compute_dtype: torch.dtype, seed: int = 0):
+    torch.manual_seed(seed)
+    dense = torch.nn.Linear(in_features, out_features, bias=bias)
+    return Linear4bit.from_linear(dense, compute_dtype=compute_dtype)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_and_backward_equal_a_dense_layer_with_the_dequantized_weight(bias: bool) -> None:
+    layer = make_layer(96, 160, bias, torch.float32)
+    dense = torch.nn.Linear(160, 96, bias=bias)
+    with torch.no_grad():
+        dense.weight.copy_(layer.dequantized_weight(torch.float32))
+        if bias:
+            dense.bias.copy_(layer.bias)
+    x = torch.randn(3, 7, 160, requires_grad=True)
+    x_dense = x.detach().clone().requires_grad_(True)
+    out, expected = layer(x), dense(x_dense)
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(x.grad, x_dense.grad)
+    assert all(not p.requires_grad for p in layer.parameters())
+
+
+def test_gradcheck_float64() -> None:
+    layer = make_layer(12, 64, True, torch.float64)
+    x = torch.randn(4, 64, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+def test_the_full_weight_is_not_kept_for_backward() -> None:
+    layer = make_layer(256, 512, False, torch.float32)
+    saved_sizes: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_sizes.append(t.numel()) or t, lambda t: t):
+        out = layer(torch.randn(2, 512, requires_grad=True))
+    assert all(size < 256 * 512 for size in saved_sizes), saved_sizes
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_equals_bitsandbytes_linear4bit_on_the_same_packed_data(compute_dtype: torch.dtype) -> None:
+    import bitsandbytes as bnb
+
+    layer = make_layer(128, 192, True, compute_dtype, seed=3)
+    tensors = layer.packed_weight().state_dict("weight")
+    stats = {k.removeprefix("weight."): v for k, v in tensors.items() if k != "weight"}
+    weight = bnb.nn.Params4bit.from_prequantized(tensors["weight"], stats, requires_grad=False, device="cpu")
+    reference = bnb.nn.Linear4bit(192, 128, bias=True, compute_dtype=compute_dtype, quant_type="nf4")
+    reference.weight = weight
+    reference.bias = torch.nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    reference.train()  # bitsandbytes' dequantize + matmul path (eval on some CPUs repacks the weight)
+    x = torch.randn(5, 192, dtype=compute_dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, expected = layer(x), reference(x_ref)
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(x.grad, x_ref.grad)
+
+
+def test_cuda_weights_get_a_clear_error() -> None:
+    from qlorakit.nn.dispatch import dequantize_weight
+
+    packed = make_layer(8, 64, False, torch.float32).packed_weight()
+    packed.packed = torch.empty(packed.packed.shape, dtype=torch.uint8, device="meta")
+    with pytest.raises(qlorakit.QlorakitError, match="no 4-bit dequantization for device meta"):
+        dequantize_weight(packed, torch.float32)
+
+
+def run_cli(*args: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "qlorakit", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    model.train()  # bitsandbytes' training-mode path is its reference dequantize + matmul
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def packed_llama(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+    )
+    root = tmp_path_factory.mktemp("packed")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(root / "src"))
+    run_cli("quantize", str(root / "src"), str(root / "packed"), "--quiet")
+    return root / "packed"
+
+
+def test_load_packed_llama_equals_transformers_bitsandbytes(packed_llama: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    ours = qlorakit.load_packed(packed_llama)
+    layers = [m for m in ours.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 14 and not any(p.requires_grad for p in ours.parameters())
+    reference = without_dropout(AutoModelForCausalLM.from_pretrained(str(packed_llama), device_map="cpu"))
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, reference(ids).logits)
+
+
+def test_load_packed_minilm_equals_transformers_bitsandbytes(tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    run_cli("quantize", str(minilm_dir()), str(tmp_path / "packed"), "--quiet")
+    ours = qlorakit.load_packed(tmp_path / "packed", compute_dtype=torch.float32)
+    reference = without_dropout(
+        AutoModel.from_pretrained(str(tmp_path / "packed"), device_map="cpu", dtype=torch.float32)
+    )
+    for module in reference.modules():
+        if hasattr(module, "compute_dtype"):
+            module.compute_dtype = torch.float32
+    ids = torch.randint(1000, 20000, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).last_hidden_state, reference(ids).last_hidden_state)
+
+
+def test_load_packed_reads_a_transformers_bitsandbytes_checkpoint(packed_llama: Path, tmp_path: Path) -> None:
+    """A directory saved by transformers + bitsandbytes (not by qlorakit) loads too."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    source = packed_llama.parent / "src"
+    model = AutoModelForCausalLM.from_pretrained(str(source), quantization_config=config, device_map="cpu")
+    model.save_pretrained(str(tmp_path / "bnb"))
+    ours = qlorakit.load_packed(tmp_path / "bnb")
+    reference = without_dropout(AutoModelForCausalLM.from_pretrained(str(tmp_path / "bnb"), device_map="cpu"))
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, reference(ids).logits)
+
+
+class TestLoadErrors:
+    def test_not_a_packed_checkpoint(self, packed_llama: Path) -> None:
+        with pytest.raises(qlorakit.CheckpointError, match="no 4-bit quantized weights"):
+            qlorakit.load_packed(packed_llama.parent / "src")
+
+    def test_no_config(self, tmp_path: Path) -> None:
+        with pytest.raises(qlorakit.CheckpointError, match="no config.json"):
+            qlorakit.load_packed(tmp_path)
+
+    def test_unknown_model_class(self, packed_llama: Path, tmp_path: Path) -> None:
+        copy = tmp_path / "copy"
+        shutil.copytree(packed_llama, copy)
+        config = json.loads((copy / "config.json").read_text())
+        config["architectures"] = ["NoSuchModelForCausalLM"]
+        (copy / "config.json").write_text(json.dumps(config))
+        with pytest.raises(qlorakit.CheckpointError, match="does not know the model class"):
+            qlorakit.load_packed(copy)
+
+    def test_missing_tensor(self, packed_llama: Path, tmp_path: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        copy = tmp_path / "copy"
+        shutil.copytree(packed_llama, copy)
+        tensors = load_file(str(copy / "model.safetensors"))
+        del tensors["model.norm.weight"]
+        save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(qlorakit.CheckpointError, match="missing tensor 'model.norm.weight'"):
+            qlorakit.load_packed(copy)
