@@ -191,3 +191,49 @@ class TestLoadErrors:
         save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
         with pytest.raises(qlorakit.CheckpointError, match="missing tensor 'model.norm.weight'"):
             qlorakit.load_packed(copy)
+
+
+def test_qlora_on_a_packed_model_trains_saves_loads_in_peft_and_merges(packed_llama: Path, tmp_path: Path) -> None:
+    """The whole CPU path: load_packed → add_lora → train a few steps (loss drops, base
+    frozen) → save in PEFT's format → PEFT on transformers + bitsandbytes' model of the same
+    files gives the same logits → merge_lora matches the adapter model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = qlorakit.load_packed(packed_llama, compute_dtype=torch.float32)
+    config = qlorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    qlorakit.add_lora(model, config)
+    packed_before = [m.packed.clone() for m in model.modules() if isinstance(m, Linear4bit)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(4))
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] * 0.9, losses
+    packed_after = [m.packed for m in model.modules() if isinstance(m, Linear4bit)]
+    assert all(torch.equal(a, b) for a, b in zip(packed_before, packed_after))
+
+    qlorakit.save_adapter(model, tmp_path / "adapter", config)
+    model.eval()
+    reference = without_dropout(AutoModelForCausalLM.from_pretrained(str(packed_llama), device_map="cpu"))
+    for module in reference.modules():
+        if hasattr(module, "compute_dtype"):
+            module.compute_dtype = torch.float32
+    peft_model = without_dropout(PeftModel.from_pretrained(reference, str(tmp_path / "adapter")))
+    probe = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = model(probe).logits
+        assert torch.equal(ours, peft_model(probe).logits)
+        merged = qlorakit.merge_lora(model)(probe).logits
+    assert not any(isinstance(m, Linear4bit) for m in merged_modules(model))
+    assert torch.allclose(merged.float(), ours.float(), atol=2e-2, rtol=1e-2)
+
+
+def merged_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for name, m in model.named_modules() if name.endswith("_proj")]

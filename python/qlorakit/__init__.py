@@ -14,6 +14,7 @@ from qlorakit.errors import CheckpointError, NonFiniteError, QlorakitError, Quan
 
 if TYPE_CHECKING:
     from qlorakit.loading import load_packed
+    from qlorakit.lora import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
     from qlorakit.packed import PackedWeight
     from qlorakit.quantization import decode_absmax, dequantize, quantize
 
@@ -23,6 +24,11 @@ _LAZY = {
     "dequantize": "qlorakit.quantization",
     "quantize": "qlorakit.quantization",
     "load_packed": "qlorakit.loading",
+    "LoraConfig": "qlorakit.lora",
+    "add_lora": "qlorakit.lora",
+    "save_adapter": "qlorakit.lora",
+    "load_adapter": "qlorakit.lora",
+    "merge_lora": "qlorakit.lora",
 }
 
 
@@ -35,6 +41,11 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "LoraConfig",
+    "add_lora",
+    "load_adapter",
+    "merge_lora",
+    "save_adapter",
     "CheckpointError",
     "NonFiniteError",
     "PackedWeight",

@@ -113,6 +113,13 @@ class LoraConfig:
         if isinstance(self.target_modules, str):
             if self.target_modules.lower() == _ALL_LINEAR:
                 self.target_modules = _ALL_LINEAR
+            else:
+                try:
+                    re.compile(self.target_modules)
+                except re.error as exc:
+                    raise ValueError(
+                        f"LoraConfig.target_modules={self.target_modules!r} is not a valid regex: {exc}"
+                    ) from exc
         elif isinstance(self.target_modules, set | frozenset):
             self.target_modules = sorted(self.target_modules)
         else:
@@ -304,8 +311,12 @@ class LoraLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         lora_x = x if x.dtype == self.lora_A.weight.dtype else x.to(self.lora_A.weight.dtype)
-        result = result + self.lora_B(self.lora_A(self.lora_dropout(lora_x))) * self.scaling
-        return result.to(result_dtype)
+        update = self.lora_B(self.lora_A(self.lora_dropout(lora_x))) * self.scaling
+        if type(self.base_layer) is not nn.Linear:
+            # PEFT's 4-bit layers round the update to the output dtype before adding it;
+            # doing the same keeps outputs bit-identical to PEFT on a quantized base.
+            update = update.to(result_dtype)
+        return (result + update).to(result_dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -341,11 +352,15 @@ def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mo
     all_linear = config.target_modules == _ALL_LINEAR
     output_layer = _output_layer(model) if all_linear else None
     targets: list[tuple[str, nn.Module]] = []
+    skip_inside: list[str] = []  # targets and existing adapters: nothing inside them is a candidate
     for name, module in model.named_modules():
-        if not name or any(name.startswith(t + ".") for t, _ in targets):
+        if not name or any(name.startswith(prefix + ".") for prefix in skip_inside):
             continue
+        linear_like = isinstance(module, LoraLinear) or is_linear_like(module)
+        if isinstance(module, LoraLinear):
+            skip_inside.append(name)
         if all_linear:
-            if not is_linear_like(module):
+            if not linear_like:
                 continue
             if output_layer is not None:
                 if module is output_layer:
@@ -354,13 +369,14 @@ def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mo
                 continue
         elif not _matches(config.target_modules, name):
             continue
-        elif not is_linear_like(module):
+        elif not linear_like:
             raise ValueError(
                 f"target_modules={config.target_modules!r} matches {name!r} ({type(module).__name__}), which is not "
                 "linear-like; LoRA is supported on torch.nn.Linear and linear-like modules (integer in_features and "
                 "out_features and a weight or packed attribute)"
             )
         targets.append((name, module))
+        skip_inside.append(name)
     return targets
 
 
@@ -519,10 +535,10 @@ def load_adapter(
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{directory}: adapter weights do not fit the model: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")  # fmt: skip
-    wrong = [f"{k}: {tuple(tensors[k].shape)} != {shape}" for k, shape in expected.items()
-             if tuple(tensors[k].shape) != shape]  # fmt: skip
+        raise ValueError(
+            f"{directory}: adapter weights do not fit the model: missing keys {missing}, unexpected keys {unexpected}"
+        )
+    wrong = [f"{k}: {tuple(t.shape)} != {expected[k]}" for k, t in tensors.items() if tuple(t.shape) != expected[k]]
     if wrong:
         raise ValueError(f"{directory}: adapter weights have the wrong shapes: {'; '.join(wrong)}")
     add_lora(model, config, adapter_dtype=adapter_dtype)
@@ -534,26 +550,31 @@ def load_adapter(
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Folds every adapter into its base layer, in place: each :class:`LoraLinear` whose base is a plain
-    ``torch.nn.Linear`` is replaced by an ``nn.Linear`` with weight ``W + scaling * B @ A`` (computed in float32,
-    stored in W's dtype and device) and the same bias. Returns ``model``.
+    """Folds every adapter into its base layer, in place: each :class:`LoraLinear` is replaced by an ``nn.Linear``
+    with weight ``W + scaling * B @ A`` (computed in float32) and the same bias. A plain ``nn.Linear`` base keeps its
+    dtype and device; a 4-bit ``qlorakit.nn.Linear4bit`` base is dequantized, so the merged layer holds the full
+    precision weight in the dtype the checkpoint was quantized from (requantize it with ``qlorakit.quantize`` if a
+    4-bit result is wanted). Returns ``model``.
 
-    Other bases raise ``NotImplementedError`` before anything is changed: merging into a quantized (4-bit) base
-    needs dequantization (and requantization, which is lossy)."""
+    Other bases raise ``NotImplementedError`` before anything is changed."""
     wrapped = _lora_modules(model)
     for name, module in wrapped:
-        if type(module.base_layer) is not nn.Linear:
+        base = module.base_layer
+        if type(base) is not nn.Linear and not hasattr(base, "dequantized_weight"):
             raise NotImplementedError(
-                f"merge_lora: {name!r} has a {type(module.base_layer).__name__} base layer; only plain "
-                "torch.nn.Linear bases are merged so far. Merging into a 4-bit base needs dequantization "
-                "(dequantize W, add scaling * B @ A, and requantize or keep the merged weight in 16/32 bits)."
+                f"merge_lora: {name!r} has a {type(base).__name__} base layer; only torch.nn.Linear and "
+                "qlorakit.nn.Linear4bit bases are merged."
             )
     for name, module in wrapped:
-        base: nn.Linear = module.base_layer
+        base = module.base_layer
         with torch.no_grad():
-            merged = (base.weight.float() + module.delta_weight().to(base.weight.device)).to(base.weight.dtype)
+            if type(base) is nn.Linear:
+                weight, dtype = base.weight.float(), base.weight.dtype
+            else:  # a 4-bit base: dequantization is exact in float32
+                weight, dtype = base.dequantized_weight(torch.float32), base.weight_dtype
+            merged = (weight + module.delta_weight().to(weight.device)).to(dtype)
         new = nn.Linear(module.in_features, module.out_features, bias=base.bias is not None, device="meta")
-        new.weight = nn.Parameter(merged, requires_grad=base.weight.requires_grad)
+        new.weight = nn.Parameter(merged, requires_grad=False)
         new.bias = base.bias
         _set_submodule(model, name, new)
     return model
