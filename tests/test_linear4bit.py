@@ -217,7 +217,7 @@ def test_qlora_on_a_packed_model_trains_saves_loads_in_peft_and_merges(packed_ll
         losses.append(float(loss))
     assert losses[-1] < losses[0] * 0.9, losses
     packed_after = [m.packed for m in model.modules() if isinstance(m, Linear4bit)]
-    assert all(torch.equal(a, b) for a, b in zip(packed_before, packed_after))
+    assert all(torch.equal(a, b) for a, b in zip(packed_before, packed_after, strict=True))
 
     qlorakit.save_adapter(model, tmp_path / "adapter", config)
     model.eval()
