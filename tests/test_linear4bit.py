@@ -237,3 +237,41 @@ def test_qlora_on_a_packed_model_trains_saves_loads_in_peft_and_merges(packed_ll
 
 def merged_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for name, m in model.named_modules() if name.endswith("_proj")]
+
+
+def test_prepare_for_kbit_training_upcasts_norms_not_embeddings(packed_llama: Path) -> None:
+    model = qlorakit.prepare_for_kbit_training(qlorakit.load_packed(packed_llama))
+    assert model.model.norm.weight.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.is_gradient_checkpointing
+    qlorakit.add_lora(model, qlorakit.LoraConfig(r=4, lora_alpha=8))
+    model.train()
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(6))
+    model(ids, labels=ids).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_save_merged_full_precision_and_requantized(packed_llama: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    def adapted() -> torch.nn.Module:
+        model = qlorakit.load_packed(packed_llama, compute_dtype=torch.float32)
+        qlorakit.add_lora(model, qlorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.05, generator=torch.Generator().manual_seed(7))
+        return model
+
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(8))
+    model = adapted()
+    with torch.no_grad():
+        expected = model(ids).logits.float()
+    qlorakit.save_merged(model, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits.float(), expected, atol=5e-2, rtol=2e-2)
+    qlorakit.save_merged(adapted(), tmp_path / "requantized", requantize=True)
+    requantized = qlorakit.load_packed(tmp_path / "requantized")
+    assert sum(isinstance(m, Linear4bit) for m in requantized.modules()) == 14

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from qlorakit.lora import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
     from qlorakit.packed import PackedWeight
     from qlorakit.quantization import decode_absmax, dequantize, quantize
+    from qlorakit.training import prepare_for_kbit_training, save_merged
 
 _LAZY = {
     "PackedWeight": "qlorakit.packed",
@@ -29,6 +30,8 @@ _LAZY = {
     "save_adapter": "qlorakit.lora",
     "load_adapter": "qlorakit.lora",
     "merge_lora": "qlorakit.lora",
+    "prepare_for_kbit_training": "qlorakit.training",
+    "save_merged": "qlorakit.training",
 }
 
 
@@ -46,6 +49,8 @@ __all__ = [
     "load_adapter",
     "merge_lora",
     "save_adapter",
+    "prepare_for_kbit_training",
+    "save_merged",
     "CheckpointError",
     "NonFiniteError",
     "PackedWeight",
