@@ -1,6 +1,7 @@
 """``Linear4bit``: a frozen linear layer whose weight stays 4-bit in memory.
 
-Forward: the weight is dequantized to the compute dtype, multiplied, and freed. Backward:
+Forward: the weight is dequantized to the compute dtype into a scratch buffer shared by all
+layers of that shape, and multiplied; nothing of it is kept. Backward:
 the gradient with respect to the input is computed by dequantizing again (the full
 weight is not kept from the forward); the frozen weight gets no gradient.
 """
@@ -20,7 +21,7 @@ class _Linear4bitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: Linear4bit, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
-        weight = dequantize_weight(layer.packed_weight(), x.dtype)
+        weight = dequantize_weight(layer.packed_weight(), x.dtype, reuse=True)
         ctx.layer = layer
         ctx.has_bias = bias is not None
         return torch.nn.functional.linear(x, weight, bias)
@@ -29,7 +30,7 @@ class _Linear4bitFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):  # noqa: ANN001, ANN205
         grad_input = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = dequantize_weight(ctx.layer.packed_weight(), grad_output.dtype)
+            weight = dequantize_weight(ctx.layer.packed_weight(), grad_output.dtype, reuse=True)
             grad_input = grad_output @ weight
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
