@@ -73,7 +73,10 @@ def randomize_adapters(model: nn.Module, seed: int = 2) -> None:
 
 @pytest.fixture(scope="module")
 def peft():
-    return pytest.importorskip("peft")
+    """PEFT itself, the reference (a test dependency: missing it is an error, not a skip)."""
+    import peft as peft_module
+
+    return peft_module
 
 
 class PackedLinear(nn.Module):
