@@ -46,7 +46,6 @@ imported; those imports therefore live in functions.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import platform
@@ -55,6 +54,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from bench_common import configure_threads, cpu_model, rayon_threads
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -62,7 +63,6 @@ if TYPE_CHECKING:
 DEFAULT_SHAPES = ((1, 1), (8, 512))
 DEFAULT_LAYER = (4096, 4096)  # out_features x in_features
 BLOCKSIZE = 64
-QUIET_LOGGERS = ("bitsandbytes", "bitsandbytes.backends.cpu.ops", "torch.utils._pytree")
 PAUSE_S = 0.02  # idle gap before each timed call: lets the previous library's spinning pool threads go to sleep
 TIME_BUDGET_S = 4.0  # per shape: fast shapes get more rounds, up to MAX_REPEAT_FACTOR x --repeats
 MAX_REPEAT_FACTOR = 10
@@ -122,35 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def configure_threads(threads: int | None) -> None:
-    """Sets the thread environment; must run before qlorakit/torch/bitsandbytes are imported."""
-    if threads is not None:
-        os.environ["RAYON_NUM_THREADS"] = str(threads)
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-    for name in QUIET_LOGGERS:  # bitsandbytes warns about the optional 'kernels' package on import
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def rayon_threads() -> tuple[int, str]:
-    """Threads rayon will use: RAYON_NUM_THREADS, else all available cores."""
-    env = os.environ.get("RAYON_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env), "RAYON_NUM_THREADS"
-    return len(os.sched_getaffinity(0)), "all available cores"
-
-
 # --------------------------------------------------------------------------- environment report
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def load_line(when: str) -> str:

@@ -22,7 +22,6 @@ qlorakit, bitsandbytes or torchao are imported; those imports therefore live in 
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import platform
@@ -31,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from bench_common import configure_threads, cpu_model, rayon_threads
+
 if TYPE_CHECKING:
     import torch
 
@@ -38,7 +39,6 @@ DEFAULT_SHAPES = ((4096, 4096), (11008, 4096))
 QUICK_SHAPES = ((1024, 1024),)
 BLOCKSIZE = 64
 SCALER_BLOCKSIZE = 256
-QUIET_LOGGERS = ("bitsandbytes", "bitsandbytes.backends.cpu.ops", "torch.utils._pytree")
 
 # Targets of the project issue (bf16 input, NF4, blocksize 64, double quant).
 TARGET_QUANT_MPARAMS = 1500.0  # >= 1.5 Gparam/s with 2 threads
@@ -126,35 +126,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def configure_threads(threads: int | None) -> None:
-    """Sets the thread environment; must run before qlorakit/torch are imported."""
-    if threads is not None:
-        os.environ["RAYON_NUM_THREADS"] = str(threads)
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-    for name in QUIET_LOGGERS:  # bitsandbytes warns about the optional 'kernels' package on import
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def rayon_threads() -> tuple[int, str]:
-    """Threads rayon will use: RAYON_NUM_THREADS, else all available cores."""
-    env = os.environ.get("RAYON_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env), "RAYON_NUM_THREADS"
-    return len(os.sched_getaffinity(0)), "all available cores"
-
-
 # --------------------------------------------------------------------------- environment report
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def print_environment(threads: int | None) -> None:
