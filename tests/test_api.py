@@ -195,3 +195,29 @@ def test_double_quant_overflow_is_an_error_not_nan() -> None:
     with pytest.raises(QuantizationError, match="double_quant=False"):
         qlorakit.quantize(x)
     assert torch.isfinite(qlorakit.dequantize(qlorakit.quantize(x, double_quant=False))).all()
+
+
+class TestScaleSearch:
+    """Opt-in error-optimal scales: same format, lower error, still read by bitsandbytes."""
+
+    def test_real_checkpoint_error_drops_and_no_tensor_gets_worse(self, minilm_weights) -> None:
+        absmax_total = searched_total = 0.0
+        for name, weight in minilm_weights.items():
+            if not weight.is_floating_point():
+                continue
+            absmax_error = float((qlorakit.dequantize(qlorakit.quantize(weight), torch.float32) - weight).pow(2).sum())
+            searched = qlorakit.dequantize(qlorakit.quantize(weight, scale_search=True), torch.float32)
+            searched_error = float((searched - weight).pow(2).sum())
+            assert searched_error <= absmax_error, name
+            absmax_total += absmax_error
+            searched_total += searched_error
+        print(f"\nMiniLM squared error: absmax {absmax_total:.3f}, scale search {searched_total:.3f}")
+        assert searched_total < 0.9 * absmax_total
+
+    def test_bitsandbytes_decodes_searched_scales_like_we_do(self, bnb_functional) -> None:
+        from bnb_reference import bnb_state_of
+
+        x = (torch.randn(96, 128, generator=torch.Generator().manual_seed(9)) * 0.05).to(torch.bfloat16)
+        packed = qlorakit.quantize(x, scale_search=True)
+        expected = bnb_functional.dequantize_4bit(packed.packed, bnb_state_of(packed))
+        assert torch.equal(qlorakit.dequantize(packed), expected)

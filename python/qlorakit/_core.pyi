@@ -21,6 +21,14 @@ def quantize_4bit(input: Any, dtype: str, quant_type: str, blocksize: int, packe
     """Quantize ``input`` (bytes of ``dtype`` elements) into ``packed`` (uint8, ceil(n/2))
     and ``absmax`` (float32, ceil(n/blocksize))."""
 
+def quantize_4bit_searched(input: Any, dtype: str, quant_type: str, blocksize: int, packed: Any, absmax: Any) -> None:
+    """Like quantize_4bit, with error-optimal block scales written to ``absmax``."""
+
+def refit_to_decoded_scales(
+    input: Any, dtype: str, quant_type: str, blocksize: int, decoded: Any, packed: Any
+) -> float:
+    """Per block, keep the codes or take the nearest ones for the decoded scale, whichever is better."""
+
 def dequantize_4bit(packed: Any, absmax: Any, quant_type: str, blocksize: int, out: Any, dtype: str) -> None:
     """Dequantize ``packed`` with float32 ``absmax`` into ``out`` (bytes of ``dtype`` elements)."""
 
@@ -58,6 +66,7 @@ def quantize_checkpoint(
     metadata: dict[str, str],
     threads: int | None = None,
     progress: Any = None,
+    scale_search: bool = False,
 ) -> dict[str, Any]:
     """Quantize the ``selected`` tensors of ``source`` into the empty directory ``out_dir``."""
 

@@ -68,6 +68,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         compute_dtype=args.compute_dtype,
         skip=args.skip,
         transformers_rule=args.transformers_rule,
+        scale_search=args.scale_search,
         threads=args.threads,
         max_shard_size=args.max_shard_size,
         force=args.force,
@@ -142,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
     quantize.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=DEFAULT_BLOCKSIZE)
     quantize.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    quantize.add_argument(
+        "--scale-search",
+        action="store_true",
+        help="choose each block's scale to minimize its reconstruction error (same format, lower error)",
+    )
     quantize.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     quantize.add_argument(
         "--skip", nargs="+", default=[], metavar="PATTERN", help="module names/regexes to keep unquantized"

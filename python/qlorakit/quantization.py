@@ -31,6 +31,7 @@ def quantize(
     blocksize: int = DEFAULT_BLOCKSIZE,
     double_quant: bool = True,
     *,
+    scale_search: bool = False,
     out: PackedWeight | None = None,
 ) -> PackedWeight:
     """Quantizes ``x`` (float32/bfloat16/float16 torch tensor, or float32/float16 numpy
@@ -39,6 +40,11 @@ def quantize(
     Output bytes equal bitsandbytes' ``quantize_4bit`` on the same input (see README).
     ``out``: a ``PackedWeight`` of the same layout whose buffers are reused, which
     avoids fresh allocations when quantizing many tensors of one shape.
+
+    ``scale_search``: pick each block's scale to minimize its squared reconstruction error
+    (largest values may clip) instead of absmax — same format, lower error, no longer
+    byte-equal to bitsandbytes. With double quantization the codes are then refit to the
+    scales as stored.
 
     Raises :class:`~qlorakit.errors.NonFiniteError` on NaN/Inf and
     :class:`~qlorakit.errors.QuantizationError` on any other invalid input.
@@ -61,7 +67,8 @@ def quantize(
         raise QuantizationError("out: PackedWeight layout does not match the input and options")
     out.dtype = tensor.dtype
     absmax = torch.empty(blocks, dtype=torch.float32) if double_quant else out.absmax
-    _core.quantize_4bit(
+    encode = _core.quantize_4bit_searched if scale_search else _core.quantize_4bit
+    encode(
         byte_view(tensor, "input"),
         dtype,
         quant_type,
@@ -76,6 +83,15 @@ def quantize(
             byte_view(out.absmax, "nested codes"),
             byte_view(out.nested_absmax, "nested scales"),
         )
+        if scale_search:
+            _core.refit_to_decoded_scales(
+                byte_view(tensor, "input"),
+                dtype,
+                quant_type,
+                blocksize,
+                byte_view(decode_absmax(out), "decoded scales"),
+                byte_view(out.packed, "packed"),
+            )
     return out
 
 

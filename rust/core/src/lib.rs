@@ -19,6 +19,7 @@ pub mod layout;
 pub mod mean;
 pub mod packed;
 pub mod quantize;
+pub mod scale_search;
 
 pub use codebook::{Codebook, QuantType, FP4, FP4_CODE_BITS, NF4, NF4_CODE_BITS};
 pub use dequantize::{dequantize_4bit, dequantize_4bit_reference};

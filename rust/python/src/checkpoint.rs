@@ -118,7 +118,7 @@ pub fn quant_state_json(
 /// `progress(tensors_done, tensors_total, bytes_done, bytes_total, name)` is called after
 /// each tensor. Returns the report as a dict.
 #[pyfunction]
-#[pyo3(signature = (source, out_dir, selected, quant_type, blocksize, double_quant, max_shard_bytes, metadata, threads=None, progress=None))]
+#[pyo3(signature = (source, out_dir, selected, quant_type, blocksize, double_quant, max_shard_bytes, metadata, threads=None, progress=None, scale_search=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_checkpoint<'py>(
     py: Python<'py>,
@@ -132,6 +132,7 @@ pub fn quantize_checkpoint<'py>(
     metadata: BTreeMap<String, String>,
     threads: Option<usize>,
     progress: Option<Py<PyAny>>,
+    scale_search: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let options = Options {
         quant_type: parse_quant_type(quant_type)?,
@@ -139,6 +140,7 @@ pub fn quantize_checkpoint<'py>(
         double_quant,
         max_shard_bytes,
         error_sample_stride: checkpoint::ERROR_SAMPLE_STRIDE,
+        scale_search,
     };
     let selected: HashSet<String> = selected.into_iter().collect();
     let pool = rayon::ThreadPoolBuilder::new()

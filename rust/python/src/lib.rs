@@ -166,6 +166,54 @@ fn quantize_4bit(
     .map_err(to_py_err)
 }
 
+/// Quantize with error-optimal block scales (written to `absmax`) instead of absmax.
+#[pyfunction]
+#[pyo3(signature = (input, dtype, quant_type, blocksize, packed, absmax))]
+fn quantize_4bit_searched(
+    py: Python<'_>,
+    input: PyBuffer<u8>,
+    dtype: &str,
+    quant_type: &str,
+    blocksize: usize,
+    mut packed: PyBuffer<u8>,
+    mut absmax: PyBuffer<u8>,
+) -> PyResult<()> {
+    let quant_type = parse_quant_type(quant_type)?;
+    let blocksize = parse_blocksize(blocksize)?;
+    ensure_disjoint(&packed, &[&input, &absmax])?;
+    ensure_disjoint(&absmax, &[&input])?;
+    let packed = view_mut::<u8>(&mut packed, "packed")?;
+    let absmax = view_mut::<f32>(&mut absmax, "absmax")?;
+    with_dtype!(py, dtype, view(&input, "input"), |values| {
+        core::scale_search::quantize_4bit_searched(values, quant_type, blocksize, packed, absmax)
+    })
+    .map_err(to_py_err)
+}
+
+/// After double quantization of searched scales: per block, keep the codes or re-pick the
+/// nearest codes for the decoded scale, whichever is better; returns the squared error.
+#[pyfunction]
+#[pyo3(signature = (input, dtype, quant_type, blocksize, decoded, packed))]
+fn refit_to_decoded_scales(
+    py: Python<'_>,
+    input: PyBuffer<u8>,
+    dtype: &str,
+    quant_type: &str,
+    blocksize: usize,
+    decoded: PyBuffer<u8>,
+    mut packed: PyBuffer<u8>,
+) -> PyResult<f64> {
+    let quant_type = parse_quant_type(quant_type)?;
+    let blocksize = parse_blocksize(blocksize)?;
+    ensure_disjoint(&packed, &[&input, &decoded])?;
+    let decoded = view::<f32>(&decoded, "decoded scales")?;
+    let packed = view_mut::<u8>(&mut packed, "packed")?;
+    with_dtype!(py, dtype, view(&input, "input"), |values| {
+        core::scale_search::refit_to_decoded_scales(values, quant_type, blocksize, decoded, packed)
+    })
+    .map_err(to_py_err)
+}
+
 /// Dequantize `packed` with float32 `absmax` into `out` (bytes of `dtype` elements).
 #[pyfunction]
 #[pyo3(signature = (packed, absmax, quant_type, blocksize, out, dtype))]
@@ -267,6 +315,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_4bit_searched, m)?)?;
+    m.add_function(wrap_pyfunction!(refit_to_decoded_scales, m)?)?;
     m.add_function(wrap_pyfunction!(double_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_absmax, m)?)?;
     m.add_function(wrap_pyfunction!(torch_order_mean, m)?)?;

@@ -21,6 +21,7 @@ use crate::double_quant::{dequantize_absmax, double_quantize};
 use crate::element::Element;
 use crate::layout::{nested_blocks, packed_len, Blocksize};
 use crate::quantize::quantize_4bit;
+use crate::scale_search::{quantize_4bit_searched, refit_to_decoded_scales};
 
 /// How to quantize.
 #[derive(Debug, Clone)]
@@ -32,6 +33,8 @@ pub struct Options {
     pub max_shard_bytes: u64,
     /// The reconstruction error is measured on every `error_sample_stride`-th block.
     pub error_sample_stride: usize,
+    /// Error-optimal block scales instead of absmax (see [`crate::scale_search`]).
+    pub scale_search: bool,
 }
 
 /// Default sampling of the reconstruction error: every 32nd block (about 3% of the work of
@@ -340,7 +343,6 @@ impl Workspace {
             }
         };
         let name = &info.name;
-        writer.write(name, &self.packed)?;
         writer.write(
             &format!("{name}.quant_map"),
             f32_bytes(&options.quant_type.codebook().values, &mut self.bytes),
@@ -350,6 +352,14 @@ impl Workspace {
             self.scales.resize(nested_blocks(blocks), 0.0);
             let offset = double_quantize(&self.absmax, &mut self.codes, &mut self.scales)
                 .map_err(context)?;
+            // The scales as they will decode: the error is measured against them, and
+            // searched scales get their codes refit to them.
+            self.decoded_absmax.resize(blocks, 0.0);
+            dequantize_absmax(&self.codes, &self.scales, offset, &mut self.decoded_absmax)
+                .map_err(context)?;
+            if options.scale_search {
+                self.refit(raw, info.dtype, options).map_err(context)?;
+            }
             writer.write(&format!("{name}.absmax"), &self.codes)?;
             writer.write(
                 &format!("{name}.nested_absmax"),
@@ -367,6 +377,7 @@ impl Workspace {
             )?;
             None
         };
+        writer.write(name, &self.packed)?;
         let state = QuantState {
             quant_type: options.quant_type,
             blocksize: options.blocksize,
@@ -378,11 +389,7 @@ impl Workspace {
         let json = state.to_json().into_bytes();
         let json_len = json.len();
         writer.push_variable(format!("{name}.{}", state.key_suffix()), json);
-        let (squared_error, squared_norm) = if let Some(offset) = nested_offset {
-            // Measure against the scales as they will decode, not the exact ones.
-            self.decoded_absmax.resize(blocks, 0.0);
-            dequantize_absmax(&self.codes, &self.scales, offset, &mut self.decoded_absmax)
-                .map_err(context)?;
+        let (squared_error, squared_norm) = if nested_offset.is_some() {
             self.sample_error(raw, info.dtype, options)
         } else {
             (squared_error, squared_norm)
@@ -411,7 +418,12 @@ impl Workspace {
         options: &Options,
     ) -> crate::Result<(f64, f64)> {
         let values = typed::<T>(raw, &mut self.aligned);
-        quantize_4bit(
+        let quantize = if options.scale_search {
+            quantize_4bit_searched::<T>
+        } else {
+            quantize_4bit::<T>
+        };
+        quantize(
             values,
             options.quant_type,
             options.blocksize,
@@ -422,6 +434,36 @@ impl Workspace {
             return Ok((0.0, 0.0));
         }
         Ok(sampled_error(values, &self.packed, &self.absmax, options))
+    }
+
+    fn refit(&mut self, raw: &[u8], dtype: Dtype, options: &Options) -> crate::Result<f64> {
+        let (quant_type, blocksize) = (options.quant_type, options.blocksize);
+        let (decoded, packed) = (&self.decoded_absmax, &mut self.packed);
+        match dtype {
+            Dtype::F32 => refit_to_decoded_scales(
+                typed::<f32>(raw, &mut self.aligned),
+                quant_type,
+                blocksize,
+                decoded,
+                packed,
+            ),
+            Dtype::BF16 => refit_to_decoded_scales(
+                typed::<bf16>(raw, &mut self.aligned),
+                quant_type,
+                blocksize,
+                decoded,
+                packed,
+            ),
+            Dtype::F16 => refit_to_decoded_scales(
+                typed::<f16>(raw, &mut self.aligned),
+                quant_type,
+                blocksize,
+                decoded,
+                packed,
+            ),
+            // Only float tensors reach here (checked when quantizing).
+            _ => Ok(0.0),
+        }
     }
 
     fn sample_error(&mut self, raw: &[u8], dtype: Dtype, options: &Options) -> (f64, f64) {
