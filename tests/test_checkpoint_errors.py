@@ -679,7 +679,9 @@ def test_sigint_mid_run_leaves_no_dst_and_no_staging(tmp_path: Path) -> None:
     assert proc.wait(CLI_TIMEOUT_S) == 130, stderr
     lines = stderr.splitlines()
     if mid_run:
-        assert PROGRESS_LINE.match(lines[0]), f"the signal did not land mid-run:\n{stderr}"
+        # The child was blocked writing its first progress line (mid-run by construction);
+        # SIGINT may interrupt that very write, so the line may or may not have come out.
+        assert PROGRESS_LINE.match(lines[0]) or lines[0].startswith("qlorakit: interrupted"), stderr
     assert lines[-1].startswith("qlorakit: interrupted"), stderr
     assert_nothing_written(out)
     assert snapshot(src) == before
@@ -696,7 +698,8 @@ def test_sigint_stops_the_run_within_a_tensor(tmp_path: Path) -> None:
     stderr = drain(read_end)[queued:].decode()
     assert proc.wait(CLI_TIMEOUT_S) == 130, stderr
     done = [int(n) for n in re.findall(r"^\[[#-]+\] (\d+)/6 tensors", stderr, re.MULTILINE)]
-    assert done and max(done) <= 2, f"after SIGINT (during tensor 1 of 6) the run went on:\n{stderr}"
+    # At most the progress line the child was blocked on (which SIGINT may cut) and one more.
+    assert max(done, default=0) <= 2, f"after SIGINT (during tensor 1 of 6) the run went on:\n{stderr}"
     assert_nothing_written(out)
 
 
