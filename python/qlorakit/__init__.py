@@ -13,6 +13,7 @@ from qlorakit.checkpoint import QuantizeReport, inspect_checkpoint, quantize_che
 from qlorakit.errors import CheckpointError, NonFiniteError, QlorakitError, QuantizationError
 
 if TYPE_CHECKING:
+    from qlorakit.importance import collect_importance, save_importance
     from qlorakit.loading import load_packed
     from qlorakit.lora import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
     from qlorakit.packed import PackedWeight
@@ -25,6 +26,8 @@ _LAZY = {
     "dequantize": "qlorakit.quantization",
     "quantize": "qlorakit.quantization",
     "load_packed": "qlorakit.loading",
+    "collect_importance": "qlorakit.importance",
+    "save_importance": "qlorakit.importance",
     "LoraConfig": "qlorakit.lora",
     "add_lora": "qlorakit.lora",
     "save_adapter": "qlorakit.lora",
@@ -46,6 +49,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "LoraConfig",
     "add_lora",
+    "collect_importance",
+    "save_importance",
     "load_adapter",
     "merge_lora",
     "save_adapter",

@@ -21,13 +21,20 @@ def quantize_4bit(input: Any, dtype: str, quant_type: str, blocksize: int, packe
     """Quantize ``input`` (bytes of ``dtype`` elements) into ``packed`` (uint8, ceil(n/2))
     and ``absmax`` (float32, ceil(n/blocksize))."""
 
-def quantize_4bit_searched(input: Any, dtype: str, quant_type: str, blocksize: int, packed: Any, absmax: Any) -> None:
-    """Like quantize_4bit, with error-optimal block scales written to ``absmax``."""
-
-def refit_to_decoded_scales(
-    input: Any, dtype: str, quant_type: str, blocksize: int, decoded: Any, packed: Any
-) -> float:
-    """Per block, keep the codes or take the nearest ones for the decoded scale, whichever is better."""
+def quantize_4bit_searched(
+    input: Any,
+    dtype: str,
+    quant_type: str,
+    blocksize: int,
+    packed: Any,
+    absmax: Any,
+    nested: Any = None,
+    importance: Any = None,
+) -> tuple[float | None, float, float, float, bool]:
+    """Quantize with error-optimal block scales. Without ``nested``: float32 scales into
+    ``absmax``; with it: uint8 nested codes into ``absmax``, float32 nested scales into
+    ``nested``. ``importance``: float32 weights per input column. Returns ``(offset,
+    squared_error, absmax_squared_error, squared_norm, kept_absmax)``."""
 
 def dequantize_4bit(packed: Any, absmax: Any, quant_type: str, blocksize: int, out: Any, dtype: str) -> None:
     """Dequantize ``packed`` with float32 ``absmax`` into ``out`` (bytes of ``dtype`` elements)."""
@@ -67,6 +74,7 @@ def quantize_checkpoint(
     threads: int | None = None,
     progress: Any = None,
     scale_search: bool = False,
+    importance: str | None = None,
 ) -> dict[str, Any]:
     """Quantize the ``selected`` tensors of ``source`` into the empty directory ``out_dir``."""
 

@@ -69,6 +69,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         skip=args.skip,
         transformers_rule=args.transformers_rule,
         scale_search=args.scale_search,
+        importance=args.importance,
         threads=args.threads,
         max_shard_size=args.max_shard_size,
         force=args.force,
@@ -98,6 +99,19 @@ def run_inspect(args: argparse.Namespace) -> int:
     )
     if info["options"]:
         print(f"options: {json.dumps(info['options'], sort_keys=True)}")
+    return 0
+
+
+def run_importance(args: argparse.Namespace) -> int:
+    from qlorakit.importance import importance_from_text, save_importance
+
+    text = Path(args.text).read_text(encoding="utf-8")
+    samples = [p.strip() for p in text.split("\n\n") if p.strip()][: args.max_samples]
+    if not samples:
+        raise ValueError(f"{args.text}: no text")
+    vectors = importance_from_text(args.src, samples, max_length=args.max_length)
+    path = save_importance(vectors, args.out)
+    print(f"importance of {len(vectors)} linear layers over {len(samples)} samples -> {path}")
     return 0
 
 
@@ -148,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="choose each block's scale to minimize its reconstruction error (same format, lower error)",
     )
+    quantize.add_argument(
+        "--importance",
+        metavar="FILE",
+        help="with --scale-search: per-input-column importance vectors (qlorakit importance) weighting the error",
+    )
     quantize.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     quantize.add_argument(
         "--skip", nargs="+", default=[], metavar="PATTERN", help="module names/regexes to keep unquantized"
@@ -161,6 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
     quantize.add_argument("--force", action="store_true", help="replace DST if it exists")
     quantize.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    importance = commands.add_parser(
+        "importance",
+        help="measure per-input-column importance (mean squared activations) of a float model on text",
+        description="Run the float model at SRC over the paragraphs of a text file and write, for every linear "
+        "layer, the mean squared activation of each input column to OUT (safetensors), for "
+        "'qlorakit quantize --scale-search --importance OUT'.",
+    )
+    importance.add_argument("src", help="float model directory (config.json, weights, tokenizer)")
+    importance.add_argument("out", help="output .safetensors file")
+    importance.add_argument("--text", required=True, help="UTF-8 text; blank-line separated paragraphs are the samples")
+    importance.add_argument("--max-samples", type=int, default=200, help="paragraphs to use (default 200)")
+    importance.add_argument("--max-length", type=int, default=512, help="tokens per sample (default 512)")
 
     inspect = commands.add_parser("inspect", help="show what a checkpoint directory or file holds")
     inspect.add_argument("path")
@@ -178,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "demo": lambda: run_demo(args),
         "quantize": lambda: run_quantize(args),
+        "importance": lambda: run_importance(args),
         "inspect": lambda: run_inspect(args),
         "verify": lambda: run_verify(args),
     }

@@ -32,6 +32,7 @@ def quantize(
     double_quant: bool = True,
     *,
     scale_search: bool = False,
+    importance: ArrayLike | None = None,
     out: PackedWeight | None = None,
 ) -> PackedWeight:
     """Quantizes ``x`` (float32/bfloat16/float16 torch tensor, or float32/float16 numpy
@@ -66,9 +67,13 @@ def quantize(
     ):
         raise QuantizationError("out: PackedWeight layout does not match the input and options")
     out.dtype = tensor.dtype
+    if importance is not None and not scale_search:
+        raise QuantizationError("importance: only used with scale_search=True")
+    if scale_search:
+        _search_into(out, tensor, dtype, importance)
+        return out
     absmax = torch.empty(blocks, dtype=torch.float32) if double_quant else out.absmax
-    encode = _core.quantize_4bit_searched if scale_search else _core.quantize_4bit
-    encode(
+    _core.quantize_4bit(
         byte_view(tensor, "input"),
         dtype,
         quant_type,
@@ -83,16 +88,29 @@ def quantize(
             byte_view(out.absmax, "nested codes"),
             byte_view(out.nested_absmax, "nested scales"),
         )
-        if scale_search:
-            _core.refit_to_decoded_scales(
-                byte_view(tensor, "input"),
-                dtype,
-                quant_type,
-                blocksize,
-                byte_view(decode_absmax(out), "decoded scales"),
-                byte_view(out.packed, "packed"),
-            )
     return out
+
+
+def _search_into(out: PackedWeight, tensor: torch.Tensor, dtype: str, importance: ArrayLike | None) -> None:
+    weights = None
+    if importance is not None:
+        weights = as_tensor(importance).to(torch.float32).contiguous()
+        if weights.dim() != 1 or weights.numel() != tensor.shape[-1]:
+            raise QuantizationError(
+                f"importance: expected one weight per input column ({tensor.shape[-1]}), "
+                f"got shape {tuple(weights.shape)}"
+            )
+    nested = out.nested_absmax
+    out.offset, *_ = _core.quantize_4bit_searched(
+        byte_view(tensor, "input"),
+        dtype,
+        out.quant_type,
+        out.blocksize,
+        byte_view(out.packed, "packed"),
+        byte_view(out.absmax, "nested codes" if nested is not None else "absmax"),
+        byte_view(nested, "nested scales") if nested is not None else None,
+        byte_view(weights, "importance") if weights is not None else None,
+    )
 
 
 def _empty_packed(

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use half::bf16;
+use qlorakit_core::scale_search::{quantize_4bit_searched, ScaleStore};
 use qlorakit_core::{dequantize_4bit, double_quantize, quantize_4bit, Blocksize, QuantType};
 
 fn main() {
@@ -45,6 +46,16 @@ fn main() {
     let dequant = best(&mut || {
         dequantize_4bit(&packed, &absmax, QuantType::Nf4, blocksize, &mut out).expect("dequantize");
     });
+    let searched = best(&mut || {
+        let store = ScaleStore::Double {
+            codes: &mut codes,
+            scales: &mut scales,
+        };
+        let report =
+            quantize_4bit_searched(&input, QuantType::Nf4, blocksize, None, &mut packed, store)
+                .expect("scale search");
+        assert!(!report.kept_absmax, "the search lost to absmax: {report:?}");
+    });
     let rate = |secs: f64| n as f64 / secs / 1e9;
     println!("threads {}", rayon::current_num_threads());
     println!("quantize nf4 bf16  {:.2} Gparam/s", rate(quant));
@@ -53,4 +64,9 @@ fn main() {
         rate(nested)
     );
     println!("dequantize to bf16 {:.2} Gparam/s", rate(dequant));
+    println!(
+        "scale search + dq  {:.2} Gparam/s ({:.1}x quantize + double quantize)",
+        rate(searched),
+        searched / (quant + nested)
+    );
 }

@@ -99,6 +99,13 @@ pub struct Codebook {
     /// `rank_to_code[0] + sum(code_steps[..r])` mod 16, which lets the hot loop build
     /// the code from the comparisons alone, without a table lookup per element.
     pub code_steps: [u8; 15],
+    /// The bounds padded to 16 with +inf (never below a value), for register lookups.
+    pub padded_bounds: [f32; 16],
+    /// `rank_to_code` widened to 32-bit lanes, for register lookups.
+    pub rank_codes: [i32; 16],
+    /// Code values by sorted rank, and their squares (scale search's sums).
+    pub sorted_values: [f32; 16],
+    pub sorted_squares: [f32; 16],
 }
 
 const fn build_codebook(bits: [u32; 16]) -> Codebook {
@@ -134,11 +141,29 @@ const fn build_codebook(bits: [u32; 16]) -> Codebook {
         code_steps[i] = order[i + 1].wrapping_sub(order[i]) & 0xf;
         i += 1;
     }
+    let mut padded_bounds = [f32::INFINITY; 16];
+    let mut rank_codes = [0i32; 16];
+    let mut sorted_values = [0.0f32; 16];
+    let mut sorted_squares = [0.0f32; 16];
+    i = 0;
+    while i < 16 {
+        if i < 15 {
+            padded_bounds[i] = bounds[i];
+        }
+        rank_codes[i] = order[i] as i32;
+        sorted_values[i] = values[order[i] as usize];
+        sorted_squares[i] = sorted_values[i] * sorted_values[i];
+        i += 1;
+    }
     Codebook {
         values,
         bounds,
         rank_to_code: order,
         code_steps,
+        padded_bounds,
+        rank_codes,
+        sorted_values,
+        sorted_squares,
     }
 }
 

@@ -27,6 +27,10 @@ pub enum QuantError {
     #[error("the mean of the block absmax values overflows float32; use double_quant=False for values this large")]
     AbsmaxMeanOverflow,
 
+    /// An importance vector that is empty, or holds a negative or non-finite weight.
+    #[error("importance weights: {0}")]
+    BadImportance(String),
+
     /// An input or output buffer whose length does not match what the operation needs.
     #[error("{what} has {actual} elements, expected {expected}")]
     LengthMismatch {

@@ -176,7 +176,7 @@ fn quantize_task_body<T: Element>(
     None
 }
 
-fn quantize_partial_block<T: Element>(
+pub(crate) fn quantize_partial_block<T: Element>(
     block: &[T],
     packed: &mut [u8],
     book: &Codebook,

@@ -118,7 +118,7 @@ pub fn quant_state_json(
 /// `progress(tensors_done, tensors_total, bytes_done, bytes_total, name)` is called after
 /// each tensor. Returns the report as a dict.
 #[pyfunction]
-#[pyo3(signature = (source, out_dir, selected, quant_type, blocksize, double_quant, max_shard_bytes, metadata, threads=None, progress=None, scale_search=false))]
+#[pyo3(signature = (source, out_dir, selected, quant_type, blocksize, double_quant, max_shard_bytes, metadata, threads=None, progress=None, scale_search=false, importance=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_checkpoint<'py>(
     py: Python<'py>,
@@ -133,6 +133,7 @@ pub fn quantize_checkpoint<'py>(
     threads: Option<usize>,
     progress: Option<Py<PyAny>>,
     scale_search: bool,
+    importance: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let options = Options {
         quant_type: parse_quant_type(quant_type)?,
@@ -141,6 +142,7 @@ pub fn quantize_checkpoint<'py>(
         max_shard_bytes,
         error_sample_stride: checkpoint::ERROR_SAMPLE_STRIDE,
         scale_search,
+        importance,
     };
     let selected: HashSet<String> = selected.into_iter().collect();
     let pool = rayon::ThreadPoolBuilder::new()
@@ -235,6 +237,23 @@ pub fn quantize_checkpoint<'py>(
         })
         .collect();
     dict.set_item("tensors", tensors)?;
+    // Scale search, per quantized tensor: exact (weighted) errors with and without it.
+    let search = PyDict::new(py);
+    for t in &report.tensors {
+        if let Some(r) = &t.search {
+            search.set_item(
+                &t.name,
+                (
+                    r.squared_error,
+                    r.absmax_squared_error,
+                    r.squared_norm,
+                    r.kept_absmax,
+                    r.weighted,
+                ),
+            )?;
+        }
+    }
+    dict.set_item("search", search)?;
     dict.set_item("shards", report.shards)?;
     dict.set_item("seconds", report.seconds)?;
     Ok(dict)

@@ -166,9 +166,14 @@ fn quantize_4bit(
     .map_err(to_py_err)
 }
 
-/// Quantize with error-optimal block scales (written to `absmax`) instead of absmax.
+/// Quantize with error-optimal block scales instead of absmax (see the core's
+/// `scale_search`). Without `nested`, `absmax` receives float32 scales; with it, `absmax`
+/// receives the uint8 nested codes and `nested` the float32 nested scales.
+/// `importance`: float32 weights per input column, or None. Returns
+/// `(offset or None, squared_error, absmax_squared_error, squared_norm, kept_absmax)`.
 #[pyfunction]
-#[pyo3(signature = (input, dtype, quant_type, blocksize, packed, absmax))]
+#[pyo3(signature = (input, dtype, quant_type, blocksize, packed, absmax, nested=None, importance=None))]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn quantize_4bit_searched(
     py: Python<'_>,
     input: PyBuffer<u8>,
@@ -177,41 +182,45 @@ fn quantize_4bit_searched(
     blocksize: usize,
     mut packed: PyBuffer<u8>,
     mut absmax: PyBuffer<u8>,
-) -> PyResult<()> {
+    mut nested: Option<PyBuffer<u8>>,
+    importance: Option<PyBuffer<u8>>,
+) -> PyResult<(Option<f32>, f64, f64, f64, bool)> {
     let quant_type = parse_quant_type(quant_type)?;
     let blocksize = parse_blocksize(blocksize)?;
     ensure_disjoint(&packed, &[&input, &absmax])?;
     ensure_disjoint(&absmax, &[&input])?;
+    if let Some(nested) = &nested {
+        ensure_disjoint(nested, &[&input, &packed, &absmax])?;
+    }
     let packed = view_mut::<u8>(&mut packed, "packed")?;
-    let absmax = view_mut::<f32>(&mut absmax, "absmax")?;
-    with_dtype!(py, dtype, view(&input, "input"), |values| {
-        core::scale_search::quantize_4bit_searched(values, quant_type, blocksize, packed, absmax)
+    let weights = importance
+        .as_ref()
+        .map(|w| view::<f32>(w, "importance"))
+        .transpose()?;
+    let importance = weights
+        .map(core::scale_search::Importance::new)
+        .transpose()
+        .map_err(to_py_err)?;
+    let store = match nested.as_mut() {
+        Some(nested) => core::scale_search::ScaleStore::Double {
+            codes: view_mut::<u8>(&mut absmax, "nested codes")?,
+            scales: view_mut::<f32>(nested, "nested scales")?,
+        },
+        None => core::scale_search::ScaleStore::Float(view_mut::<f32>(&mut absmax, "absmax")?),
+    };
+    let report = with_dtype!(py, dtype, view(&input, "input"), |values| {
+        core::scale_search::quantize_4bit_searched(
+            values, quant_type, blocksize, importance, packed, store,
+        )
     })
-    .map_err(to_py_err)
-}
-
-/// After double quantization of searched scales: per block, keep the codes or re-pick the
-/// nearest codes for the decoded scale, whichever is better; returns the squared error.
-#[pyfunction]
-#[pyo3(signature = (input, dtype, quant_type, blocksize, decoded, packed))]
-fn refit_to_decoded_scales(
-    py: Python<'_>,
-    input: PyBuffer<u8>,
-    dtype: &str,
-    quant_type: &str,
-    blocksize: usize,
-    decoded: PyBuffer<u8>,
-    mut packed: PyBuffer<u8>,
-) -> PyResult<f64> {
-    let quant_type = parse_quant_type(quant_type)?;
-    let blocksize = parse_blocksize(blocksize)?;
-    ensure_disjoint(&packed, &[&input, &decoded])?;
-    let decoded = view::<f32>(&decoded, "decoded scales")?;
-    let packed = view_mut::<u8>(&mut packed, "packed")?;
-    with_dtype!(py, dtype, view(&input, "input"), |values| {
-        core::scale_search::refit_to_decoded_scales(values, quant_type, blocksize, decoded, packed)
-    })
-    .map_err(to_py_err)
+    .map_err(to_py_err)?;
+    Ok((
+        report.offset,
+        report.squared_error,
+        report.absmax_squared_error,
+        report.squared_norm,
+        report.kept_absmax,
+    ))
 }
 
 /// Dequantize `packed` with float32 `absmax` into `out` (bytes of `dtype` elements).
@@ -316,7 +325,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_4bit_searched, m)?)?;
-    m.add_function(wrap_pyfunction!(refit_to_decoded_scales, m)?)?;
     m.add_function(wrap_pyfunction!(double_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_absmax, m)?)?;
     m.add_function(wrap_pyfunction!(torch_order_mean, m)?)?;

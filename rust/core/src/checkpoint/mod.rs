@@ -1,6 +1,7 @@
 //! Whole-checkpoint quantization: safetensors in, bitsandbytes-format safetensors out.
 
 pub mod error;
+pub mod importance;
 pub mod pipeline;
 pub mod quant_state;
 pub mod safetensors;
@@ -9,6 +10,7 @@ pub mod writer;
 
 pub use error::CheckpointError;
 pub use pipeline::{
-    quantize_checkpoint, Options, Progress, Report, TensorReport, ERROR_SAMPLE_STRIDE,
+    quantize_checkpoint, Options, Progress, Report, SearchSummary, TensorReport,
+    ERROR_SAMPLE_STRIDE,
 };
 pub use source::Source;

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use super::error::{CheckpointError, Result};
+use super::importance::ImportanceFile;
 use super::quant_state::QuantState;
 use super::safetensors::{Dtype, SafetensorsFile, TensorInfo};
 use super::source::{Source, INDEX_FILE, SINGLE_FILE};
@@ -21,7 +22,7 @@ use crate::double_quant::{dequantize_absmax, double_quantize};
 use crate::element::Element;
 use crate::layout::{nested_blocks, packed_len, Blocksize};
 use crate::quantize::quantize_4bit;
-use crate::scale_search::{quantize_4bit_searched, refit_to_decoded_scales};
+use crate::scale_search::{quantize_4bit_searched, Importance, ScaleStore, SearchReport};
 
 /// How to quantize.
 #[derive(Debug, Clone)]
@@ -35,6 +36,9 @@ pub struct Options {
     pub error_sample_stride: usize,
     /// Error-optimal block scales instead of absmax (see [`crate::scale_search`]).
     pub scale_search: bool,
+    /// With `scale_search`: a safetensors file of per-input-column importance vectors
+    /// (see [`super::importance`]).
+    pub importance: Option<PathBuf>,
 }
 
 /// Default sampling of the reconstruction error: every 32nd block (about 3% of the work of
@@ -62,6 +66,21 @@ pub struct TensorReport {
     /// Sums over the sampled blocks (quantized tensors only).
     pub squared_error: f64,
     pub squared_norm: f64,
+    /// With scale search: the exact errors with and without it.
+    pub search: Option<SearchSummary>,
+}
+
+/// Scale search's outcome for one tensor: exact sums over all its elements, weighted by
+/// the importance vector when one was given.
+#[derive(Debug, Clone, Copy)]
+pub struct SearchSummary {
+    pub squared_error: f64,
+    pub absmax_squared_error: f64,
+    pub squared_norm: f64,
+    /// Absmax won on this tensor (after double quantization) and was written.
+    pub kept_absmax: bool,
+    /// An importance vector weighted the error.
+    pub weighted: bool,
 }
 
 /// The outcome of a run.
@@ -103,6 +122,10 @@ pub fn quantize_checkpoint(
         .iter()
         .map(|p| (p.info.end - p.info.begin) as u64)
         .sum();
+    let importance = match (&options.importance, options.scale_search) {
+        (Some(path), true) => Some(ImportanceFile::open(path)?),
+        _ => None,
+    };
     let mut work = Workspace::default();
     let mut reports = Vec::with_capacity(plan.len());
     let mut shard_files = Vec::with_capacity(shard_count);
@@ -141,7 +164,7 @@ pub fn quantize_checkpoint(
             let planned = &plan[i];
             planned.file.prefetch(planned.info);
             let report = if planned.quantize {
-                work.quantize_into(planned, options, &mut writer)?
+                work.quantize_into(planned, options, importance.as_ref(), &mut writer)?
             } else {
                 copy_into(planned, &mut writer)?
             };
@@ -298,6 +321,7 @@ fn copy_into(planned: &Planned<'_>, writer: &mut ShardWriter) -> Result<TensorRe
         bytes_out: bytes.len() as u64,
         squared_error: 0.0,
         squared_norm: 0.0,
+        search: None,
     })
 }
 
@@ -318,6 +342,7 @@ impl Workspace {
         &mut self,
         planned: &Planned<'_>,
         options: &Options,
+        importance: Option<&ImportanceFile>,
         writer: &mut ShardWriter,
     ) -> Result<TensorReport> {
         let info = planned.info;
@@ -331,35 +356,41 @@ impl Workspace {
             tensor: info.name.clone(),
             source,
         };
-        let (squared_error, squared_norm) = match info.dtype {
-            Dtype::F32 => self.quantize_typed::<f32>(raw, options).map_err(context)?,
-            Dtype::BF16 => self.quantize_typed::<bf16>(raw, options).map_err(context)?,
-            Dtype::F16 => self.quantize_typed::<f16>(raw, options).map_err(context)?,
+        let name = &info.name;
+        let weights = match importance {
+            Some(file) => file.vector(name, info.shape[1])?,
+            None => None,
+        };
+        let (squared_error, squared_norm, search) = match info.dtype {
+            Dtype::F32 => self.quantize_typed::<f32>(raw, options, weights.as_deref()),
+            Dtype::BF16 => self.quantize_typed::<bf16>(raw, options, weights.as_deref()),
+            Dtype::F16 => self.quantize_typed::<f16>(raw, options, weights.as_deref()),
             other => {
                 return Err(CheckpointError::BadSelection {
                     tensor: info.name.clone(),
                     reason: format!("its dtype {} cannot be quantized", other.name()),
                 })
             }
-        };
-        let name = &info.name;
+        }
+        .map_err(context)?;
         writer.write(
             &format!("{name}.quant_map"),
             f32_bytes(&options.quant_type.codebook().values, &mut self.bytes),
         )?;
         let nested_offset = if options.double_quant {
-            self.codes.resize(blocks, 0);
-            self.scales.resize(nested_blocks(blocks), 0.0);
-            let offset = double_quantize(&self.absmax, &mut self.codes, &mut self.scales)
-                .map_err(context)?;
-            // The scales as they will decode: the error is measured against them, and
-            // searched scales get their codes refit to them.
+            let offset = match search {
+                Some(report) => report.offset.unwrap_or(0.0),
+                None => {
+                    self.codes.resize(blocks, 0);
+                    self.scales.resize(nested_blocks(blocks), 0.0);
+                    double_quantize(&self.absmax, &mut self.codes, &mut self.scales)
+                        .map_err(context)?
+                }
+            };
+            // The scales as they decode: the sampled error is measured against them.
             self.decoded_absmax.resize(blocks, 0.0);
             dequantize_absmax(&self.codes, &self.scales, offset, &mut self.decoded_absmax)
                 .map_err(context)?;
-            if options.scale_search {
-                self.refit(raw, info.dtype, options).map_err(context)?;
-            }
             writer.write(&format!("{name}.absmax"), &self.codes)?;
             writer.write(
                 &format!("{name}.nested_absmax"),
@@ -408,62 +439,62 @@ impl Workspace {
             bytes_out,
             squared_error,
             squared_norm,
+            search: search.map(|r| SearchSummary {
+                squared_error: r.squared_error,
+                absmax_squared_error: r.absmax_squared_error,
+                squared_norm: r.squared_norm,
+                kept_absmax: r.kept_absmax,
+                weighted: weights.is_some(),
+            }),
         })
     }
 
-    /// Quantizes into `packed`/`absmax`; without double quant also measures the error.
+    /// Quantizes into `packed` and `absmax` (or, searched with double quantization, the
+    /// nested `codes`/`scales`); without double quant also measures the sampled error.
     fn quantize_typed<T: Element>(
         &mut self,
         raw: &[u8],
         options: &Options,
-    ) -> crate::Result<(f64, f64)> {
+        importance: Option<&[f32]>,
+    ) -> crate::Result<(f64, f64, Option<SearchReport>)> {
         let values = typed::<T>(raw, &mut self.aligned);
-        let quantize = if options.scale_search {
-            quantize_4bit_searched::<T>
-        } else {
-            quantize_4bit::<T>
-        };
-        quantize(
-            values,
-            options.quant_type,
-            options.blocksize,
-            &mut self.packed,
-            &mut self.absmax,
-        )?;
-        if options.double_quant {
-            return Ok((0.0, 0.0));
-        }
-        Ok(sampled_error(values, &self.packed, &self.absmax, options))
-    }
-
-    fn refit(&mut self, raw: &[u8], dtype: Dtype, options: &Options) -> crate::Result<f64> {
         let (quant_type, blocksize) = (options.quant_type, options.blocksize);
-        let (decoded, packed) = (&self.decoded_absmax, &mut self.packed);
-        match dtype {
-            Dtype::F32 => refit_to_decoded_scales(
-                typed::<f32>(raw, &mut self.aligned),
+        let search = if options.scale_search {
+            let store = if options.double_quant {
+                let blocks = self.absmax.len();
+                self.codes.resize(blocks, 0);
+                self.scales.resize(nested_blocks(blocks), 0.0);
+                ScaleStore::Double {
+                    codes: &mut self.codes,
+                    scales: &mut self.scales,
+                }
+            } else {
+                ScaleStore::Float(&mut self.absmax)
+            };
+            let importance = importance.map(Importance::new).transpose()?;
+            Some(quantize_4bit_searched(
+                values,
                 quant_type,
                 blocksize,
-                decoded,
-                packed,
-            ),
-            Dtype::BF16 => refit_to_decoded_scales(
-                typed::<bf16>(raw, &mut self.aligned),
+                importance,
+                &mut self.packed,
+                store,
+            )?)
+        } else {
+            quantize_4bit(
+                values,
                 quant_type,
                 blocksize,
-                decoded,
-                packed,
-            ),
-            Dtype::F16 => refit_to_decoded_scales(
-                typed::<f16>(raw, &mut self.aligned),
-                quant_type,
-                blocksize,
-                decoded,
-                packed,
-            ),
-            // Only float tensors reach here (checked when quantizing).
-            _ => Ok(0.0),
+                &mut self.packed,
+                &mut self.absmax,
+            )?;
+            None
+        };
+        if options.double_quant {
+            return Ok((0.0, 0.0, search));
         }
+        let (error, norm) = sampled_error(values, &self.packed, &self.absmax, options);
+        Ok((error, norm, search))
     }
 
     fn sample_error(&mut self, raw: &[u8], dtype: Dtype, options: &Options) -> (f64, f64) {

@@ -116,14 +116,148 @@ pub fn encode_portable(values: &[f32], inverse: f32, book: &Codebook, packed: &m
     }
 }
 
-/// The 15 bounds padded to 16 with +inf (never below a value), for register lookups.
-#[cfg(target_arch = "x86_64")]
-fn padded_bounds(book: &Codebook) -> [f32; 16] {
-    std::array::from_fn(|r| book.bounds.get(r).copied().unwrap_or(f32::INFINITY))
+/// Lanes of the canonical summation order of [`Moments`]: element `i` of a block adds to
+/// lane `i % MOMENT_LANES`; lanes are then folded in a fixed tree. Every encoder follows
+/// it (AVX-512: one register, AVX2: two, portable: an array), so the sums — and every
+/// decision taken from them — do not depend on the CPU.
+pub const MOMENT_LANES: usize = 16;
+
+/// A block's reconstruction statistics for codes `c` chosen for some scale, with optional
+/// per-element weights `w` (1 without): `cross = sum w x c`, `energy = sum w c^2`,
+/// `norm = sum w x^2` (float32 sums in the canonical order; products not fused).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Moments {
+    pub cross: f32,
+    pub energy: f32,
+    pub norm: f32,
 }
 
-/// The rank-to-code table widened to 32-bit lanes.
-#[cfg(target_arch = "x86_64")]
-fn rank_codes(book: &Codebook) -> [i32; 16] {
-    book.rank_to_code.map(i32::from)
+impl Moments {
+    /// Folds per-lane partial sums in the canonical tree: lanes `i` and `i + 8`, then
+    /// `i + 4`, `i + 2`, `i + 1`.
+    pub(crate) fn fold(lanes: [[f32; MOMENT_LANES]; 3]) -> Moments {
+        let fold = |mut v: [f32; MOMENT_LANES]| {
+            let mut width = MOMENT_LANES / 2;
+            while width > 0 {
+                for i in 0..width {
+                    v[i] += v[i + width];
+                }
+                width /= 2;
+            }
+            v[0]
+        };
+        let [cross, energy, norm] = lanes.map(fold);
+        Moments {
+            cross,
+            energy,
+            norm,
+        }
+    }
+
+    /// Squared (weighted) error of the block decoded as `code * scale`.
+    pub fn error_at(self, scale: f32) -> f64 {
+        let s = f64::from(scale);
+        f64::from(self.norm) - 2.0 * s * f64::from(self.cross) + s * s * f64::from(self.energy)
+    }
+
+    /// The least-squares scale for these codes, `cross / energy`, and how much it lowers
+    /// the error below `norm` (`cross^2 / energy`); `None` when the codes carry no energy.
+    pub fn best_scale(self) -> Option<(f32, f64)> {
+        let scale = self.cross / self.energy;
+        (self.energy > 0.0 && scale > 0.0 && scale.is_finite()).then(|| {
+            let cross = f64::from(self.cross);
+            (scale, cross * cross / f64::from(self.energy))
+        })
+    }
+}
+
+impl Encoder {
+    /// Like [`Encoder::encode`] (writing the codes only when `packed` is given), and also
+    /// returns the block's [`Moments`] for those codes; `weights`, if given, has one
+    /// weight per value. Every encoder returns bit-identical sums.
+    #[inline]
+    pub fn encode_moments(
+        self,
+        values: &[f32],
+        weights: Option<&[f32]>,
+        inverse: f32,
+        book: &Codebook,
+        packed: Option<&mut [u8]>,
+    ) -> Moments {
+        let mut groups = values.len() / GROUP;
+        if let Some(w) = weights {
+            groups = groups.min(w.len() / GROUP);
+        }
+        let mut no_codes = [0u8; 0];
+        let (packed, pack) = match packed {
+            Some(p) => {
+                groups = groups.min(p.len() / (GROUP / 2));
+                (&mut p[..groups * GROUP / 2], true)
+            }
+            None => (&mut no_codes[..], false),
+        };
+        let values = &values[..groups * GROUP];
+        let weighted = weights.is_some();
+        let weights = weights.map_or(&[][..], |w| &w[..groups * GROUP]);
+        macro_rules! run {
+            ($($f:tt)*) => {
+                match (weighted, pack) {
+                    (false, false) => $($f)*::<false, false>(values, weights, inverse, book, packed),
+                    (false, true) => $($f)*::<false, true>(values, weights, inverse, book, packed),
+                    (true, false) => $($f)*::<true, false>(values, weights, inverse, book, packed),
+                    (true, true) => $($f)*::<true, true>(values, weights, inverse, book, packed),
+                }
+            };
+        }
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512 F/BW/VL checked; slices hold whole groups (two values per
+            // output byte when packing, one weight per value when weighted).
+            Encoder::Avx512 if self.is_supported() => unsafe { run!(avx512::encode_moments) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 checked; slices as above.
+            Encoder::Avx2 if self.is_supported() => unsafe { run!(avx2::encode_moments) },
+            _ => Moments::fold(run!(encode_moments_portable)),
+        }
+    }
+}
+
+/// Portable [`Encoder::encode_moments`]: per-element rank by comparison with every bound,
+/// partial sums in the canonical lanes.
+#[inline(always)]
+pub fn encode_moments_portable<const WEIGHTED: bool, const PACK: bool>(
+    values: &[f32],
+    weights: &[f32],
+    inverse: f32,
+    book: &Codebook,
+    packed: &mut [u8],
+) -> [[f32; MOMENT_LANES]; 3] {
+    let (sorted, squares) = (&book.sorted_values, &book.sorted_squares);
+    let mut sums = [[0.0f32; MOMENT_LANES]; 3];
+    for (g, group) in values.chunks_exact(GROUP).enumerate() {
+        let mut ranks = [0usize; GROUP];
+        for (lane, &x) in group.iter().enumerate() {
+            let s = (x * inverse).clamp(-1.0, 1.0);
+            let rank = book.bounds.iter().filter(|&&bound| s > bound).count();
+            let (wx, wc2) = if WEIGHTED {
+                let w = weights[g * GROUP + lane];
+                (w * x, w * squares[rank])
+            } else {
+                (x, squares[rank])
+            };
+            sums[0][lane] += wx * sorted[rank];
+            sums[1][lane] += wc2;
+            sums[2][lane] += wx * x;
+            ranks[lane] = rank;
+        }
+        if PACK {
+            for (byte, pair) in packed[g * GROUP / 2..][..GROUP / 2]
+                .iter_mut()
+                .zip(ranks.chunks_exact(2))
+            {
+                *byte = (book.rank_to_code[pair[0]] << 4) | book.rank_to_code[pair[1]];
+            }
+        }
+    }
+    sums
 }
