@@ -44,8 +44,12 @@ def quantize(
 
     ``scale_search``: pick each block's scale to minimize its squared reconstruction error
     (largest values may clip) instead of absmax — same format, lower error, no longer
-    byte-equal to bitsandbytes. With double quantization the codes are then refit to the
-    scales as stored.
+    byte-equal to bitsandbytes. The codes are chosen for the scales as stored (after
+    double quantization); if the search does not beat absmax on this tensor, absmax's
+    result (bitsandbytes' bytes) is returned. ``importance``: optional non-negative
+    weights, one per input column (``x.shape[-1]``), e.g. mean squared activations of the
+    layer's input (:func:`qlorakit.collect_importance`); the search then minimizes the
+    weighted error.
 
     Raises :class:`~qlorakit.errors.NonFiniteError` on NaN/Inf and
     :class:`~qlorakit.errors.QuantizationError` on any other invalid input.
