@@ -221,3 +221,39 @@ class TestScaleSearch:
         packed = qlorakit.quantize(x, scale_search=True)
         expected = bnb_functional.dequantize_4bit(packed.packed, bnb_state_of(packed))
         assert torch.equal(qlorakit.dequantize(packed), expected)
+
+    @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+    @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+    @pytest.mark.parametrize("double_quant", [True, False])
+    def test_every_layout_beats_absmax_and_decodes_in_bitsandbytes(
+        self, bnb_functional, quant_type: str, blocksize: int, double_quant: bool
+    ) -> None:
+        from bnb_reference import bnb_state_of
+
+        # Heavy-tailed values (Student-t-like), an odd element count (a trailing partial
+        # block and a padded nibble) and one all-zero stretch.
+        g = torch.Generator().manual_seed(blocksize)
+        x = torch.randn(301, 77, generator=g) / torch.rand(301, 77, generator=g).add(0.05).sqrt()
+        x[5, :] = 0.0
+        x = x.to(torch.bfloat16)
+        absmax = qlorakit.quantize(x, quant_type, blocksize, double_quant)
+        searched = qlorakit.quantize(x, quant_type, blocksize, double_quant, scale_search=True)
+        exact = x.float()
+        error = {
+            name: float((qlorakit.dequantize(p, torch.float32) - exact).pow(2).sum())
+            for name, p in (("absmax", absmax), ("search", searched))
+        }
+        assert error["search"] <= error["absmax"], error
+        if blocksize <= 256:  # enough blocks for clipping to pay off
+            assert error["search"] < 0.95 * error["absmax"], error
+        expected = bnb_functional.dequantize_4bit(searched.packed, bnb_state_of(searched))
+        assert torch.equal(qlorakit.dequantize(searched), expected)
+
+    def test_importance_must_match_the_input_columns(self) -> None:
+        x = torch.randn(8, 64)
+        with pytest.raises(qlorakit.QuantizationError, match="one weight per input column"):
+            qlorakit.quantize(x, scale_search=True, importance=torch.ones(32))
+        with pytest.raises(qlorakit.QuantizationError, match=">= 0"):
+            qlorakit.quantize(x, scale_search=True, importance=-torch.ones(64))
+        with pytest.raises(qlorakit.QuantizationError, match="scale_search"):
+            qlorakit.quantize(x, importance=torch.ones(64))
