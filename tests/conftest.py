@@ -1,4 +1,4 @@
-"""Shared fixtures: bitsandbytes as the reference, the real MiniLM checkpoint, RNG."""
+"""Shared fixtures: bitsandbytes as the reference, the real MiniLM checkpoint, RNG; GPU test skipping."""
 
 from __future__ import annotations
 
@@ -17,6 +17,25 @@ import torch  # noqa: E402
 
 # bitsandbytes logs a warning about an optional 'kernels' package on import; quiet it.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def gpu_unavailable_reason() -> str | None:
+    """Why tests marked ``gpu`` cannot run here, or None when a CUDA GPU and CuPy are both present."""
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    if importlib.util.find_spec("cupy") is None:
+        return "needs CuPy for qlorakit's CUDA kernels: pip install 'qlorakit[cuda12]' or 'qlorakit[cuda13]'"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skips every test marked ``gpu`` with the reason when there is no GPU or no CuPy, so test files only
+    need ``@pytest.mark.gpu``."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    reason = gpu_unavailable_reason() if gpu_items else None
+    if reason is not None:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

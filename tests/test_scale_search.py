@@ -157,9 +157,7 @@ def test_importance_from_real_text_lowers_the_activation_weighted_error(tmp_path
 
     # The same vectors through the CLI: saved, then read by the checkpoint pipeline.
     path = qlorakit.save_importance(vectors, tmp_path / "imatrix.safetensors")
-    result = run_cli(
-        "quantize", str(minilm_dir()), str(tmp_path / "out"), "--scale-search", "--importance", str(path)
-    )
+    result = run_cli("quantize", str(minilm_dir()), str(tmp_path / "out"), "--scale-search", "--importance", str(path))
     assert result.returncode == 0, result.stderr
     assert "importance-weighted on" in result.stdout
 

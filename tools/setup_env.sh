@@ -2,14 +2,16 @@
 # Build qlorakit's wheel with maturin and install it into a virtual environment.
 #   bash tools/setup_env.sh                # .venv, runtime dependencies only
 #   bash tools/setup_env.sh --test DIR     # DIR (fresh), with the test extras
+#   bash tools/setup_env.sh --test DIR cuda13   # ... plus more extras (CuPy for the GPU tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
 venv=".venv"
 if [[ "${1:-}" == "--test" ]]; then
-  extras="[test]"
   venv="${2:-.venv-test}"
+  more=("${@:3}")
+  extras="[$(IFS=,; echo "test${more[*]:+,${more[*]}}")]"
   rm -rf "$venv"
 fi
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: Rust format/lint/tests, then the wheel built by
-# maturin, installed into a fresh virtual environment with the test extras, and pytest
-# run against that installed wheel (not the source tree).
+# maturin, installed into a fresh virtual environment with the test extras, the CUDA kernels
+# compiled with NVRTC, and pytest run against that installed wheel (not the source tree).
+# Tests marked `gpu` skip, saying why, unless a CUDA GPU and CuPy are present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,9 @@ bash tools/setup_env.sh --test .venv-test
 echo "== ruff"
 .venv-test/bin/ruff check python tests tools
 .venv-test/bin/ruff format --check python tests tools
+
+echo "== CUDA kernels: NVRTC 12 and 13, sm_80 and sm_90, the sources shipped in the wheel (no GPU needed)"
+.venv-test/bin/python tools/check_kernels.py
 
 echo "== pytest (installed wheel)"
 .venv-test/bin/python -c "import qlorakit; assert 'site-packages' in qlorakit.__file__; print('testing', qlorakit.__file__)"

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from qlorakit.importance import collect_importance, save_importance
     from qlorakit.loading import load_packed
     from qlorakit.lora import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
+    from qlorakit.optim import PagedAdam, PagedAdamW
     from qlorakit.packed import PackedWeight
     from qlorakit.quantization import decode_absmax, dequantize, quantize
     from qlorakit.training import prepare_for_kbit_training, save_merged
@@ -33,6 +34,8 @@ _LAZY = {
     "save_adapter": "qlorakit.lora",
     "load_adapter": "qlorakit.lora",
     "merge_lora": "qlorakit.lora",
+    "PagedAdam": "qlorakit.optim",
+    "PagedAdamW": "qlorakit.optim",
     "prepare_for_kbit_training": "qlorakit.training",
     "save_merged": "qlorakit.training",
 }
@@ -59,6 +62,8 @@ __all__ = [
     "CheckpointError",
     "NonFiniteError",
     "PackedWeight",
+    "PagedAdam",
+    "PagedAdamW",
     "QlorakitError",
     "QuantizationError",
     "QuantizeReport",

@@ -1,7 +1,8 @@
-"""Device dispatch for dequantizing a packed weight — the one place that looks at the device.
+"""Device dispatch for the 4-bit operations — the one place that looks at the device.
 
-CPU: the multithreaded Rust core writes straight into the torch buffer. CUDA: the CuPy
-kernels are a separate milestone; until they land a CUDA weight gets a clear error.
+CPU: the multithreaded Rust core writes straight into the torch buffer. CUDA: the CuPy kernels of
+``cuda/`` (:mod:`qlorakit.kernels.cuda_ops`), bit-identical to the CPU for dequantization; without CuPy a
+CUDA weight gets an error naming the extra to install.
 """
 
 from __future__ import annotations
@@ -32,12 +33,23 @@ def _workspace(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return buffers[key]
 
 
+def _cuda_ops():  # noqa: ANN202 - the module, imported on first CUDA use
+    """:mod:`qlorakit.kernels.cuda_ops`, after checking that CuPy is importable (a clear error if not)."""
+    from qlorakit.kernels.cupy_loader import require_cupy
+
+    require_cupy()
+    from qlorakit.kernels import cuda_ops
+
+    return cuda_ops
+
+
 def dequantize_weight(packed: PackedWeight, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
     """The weight ``[out_features, in_features]`` in ``dtype``, on the packed data's device.
 
-    ``reuse``: write into a shared per-thread scratch buffer instead of a new tensor; the
+    ``reuse`` (CPU): write into a shared per-thread scratch buffer instead of a new tensor; the
     result is then valid only until the next reusing call with the same shape and dtype
-    (``Linear4bit`` uses it within one matmul)."""
+    (``Linear4bit`` uses it within one matmul). On CUDA every call returns a fresh tensor: the
+    caching allocator makes that cheap, and a shared buffer would race with work queued on other streams."""
     device = packed.packed.device
     if device.type == "cpu":
         if dtype in _CORE_DTYPES:
@@ -46,8 +58,23 @@ def dequantize_weight(packed: PackedWeight, dtype: torch.dtype, reuse: bool = Fa
         # float64 (gradcheck) and other dtypes: decode to float32 (exact), then widen.
         return dequantize(packed, torch.float32).to(dtype)
     if device.type == "cuda":
-        raise QlorakitError(
-            "dequantizing on CUDA needs qlorakit's CuPy kernels, which this version does not ship yet; "
-            "keep the model on the CPU for now"
-        )
+        cuda_ops = _cuda_ops()
+        if dtype in cuda_ops.KERNEL_DTYPES:
+            return cuda_ops.dequantize_4bit(packed, dtype)
+        return cuda_ops.dequantize_4bit(packed, torch.float32).to(dtype)
     raise QlorakitError(f"no 4-bit dequantization for device {device}")
+
+
+def matvec_weight(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x W^T + b`` for an input holding a single row, by a fused dequantize-and-multiply kernel where the
+    device has one (CUDA: batch-1 decoding), shaped ``[..., out_features]`` like ``F.linear``; ``None`` where
+    there is none (the CPU, several rows, other dtypes) and the caller dequantizes and multiplies."""
+    if x.device.type != "cuda" or packed.packed.device != x.device or len(packed.shape) != 2:
+        return None
+    if x.numel() != packed.shape[1] or x.dim() == 0:
+        return None
+    cuda_ops = _cuda_ops()
+    if x.dtype not in cuda_ops.KERNEL_DTYPES:
+        return None
+    out = cuda_ops.gemv_4bit(packed, x, bias)
+    return out.reshape(*x.shape[:-1], packed.shape[0])

@@ -1,9 +1,11 @@
 """``Linear4bit``: a frozen linear layer whose weight stays 4-bit in memory.
 
-Forward: the weight is dequantized to the compute dtype into a scratch buffer shared by all
-layers of that shape, and multiplied; nothing of it is kept. Backward:
-the gradient with respect to the input is computed by dequantizing again (the full
-weight is not kept from the forward); the frozen weight gets no gradient.
+Forward: the weight is dequantized to the compute dtype (on the CPU into a scratch buffer shared
+by all layers of that shape; on CUDA by the CuPy kernels) and multiplied; nothing of it is kept. An
+input of a single row on CUDA (batch-1 decoding) skips the dequantized weight altogether: a fused
+dequantize-and-multiply kernel reads the 4-bit codes once. Backward: the gradient with respect to
+the input is computed by dequantizing again (the full weight is not kept from the forward); the
+frozen weight gets no gradient.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qlorakit.nn.dispatch import dequantize_weight
+from qlorakit.nn.dispatch import dequantize_weight, matvec_weight
 from qlorakit.packed import PackedWeight
 from qlorakit.quantization import quantize
 
@@ -21,9 +23,13 @@ class _Linear4bitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: Linear4bit, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
-        weight = dequantize_weight(layer.packed_weight(), x.dtype, reuse=True)
         ctx.layer = layer
         ctx.has_bias = bias is not None
+        packed = layer.packed_weight()
+        out = matvec_weight(packed, x, bias)
+        if out is not None:
+            return out
+        weight = dequantize_weight(packed, x.dtype, reuse=True)
         return torch.nn.functional.linear(x, weight, bias)
 
     @staticmethod
