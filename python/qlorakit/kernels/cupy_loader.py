@@ -7,6 +7,7 @@ CuPy is an optional dependency (extras ``cuda12`` / ``cuda13``); nothing here im
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
@@ -68,7 +69,11 @@ def _current_stream(cupy: ModuleType, index: int) -> Any:
     handle = torch.cuda.current_stream(index).cuda_stream
     stream = _streams.get((index, handle))
     if stream is None:
-        stream = _streams[(index, handle)] = cupy.cuda.ExternalStream(handle)
+        with warnings.catch_warnings():
+            # CuPy 14 deprecates ExternalStream (for Stream.from_external, which CuPy 13 lacks) and warns on
+            # every construction; the device id lets CuPy check the stream against the current device.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            stream = _streams[(index, handle)] = cupy.cuda.ExternalStream(handle, index)
     return stream
 
 
