@@ -88,6 +88,111 @@ def test_cuda_weights_get_a_clear_error() -> None:
         dequantize_weight(packed, torch.float32)
 
 
+# Unit roundoff (2^-p) and largest absolute rounding error in the subnormal range of each compute dtype.
+ROUNDING = {
+    torch.float32: (2.0**-24, 2.0**-150),
+    torch.bfloat16: (2.0**-8, 2.0**-134),
+    torch.float16: (2.0**-11, 2.0**-25),
+}
+
+
+def float32_dot_bound(
+    weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, roundings: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 value of ``weight @ x (+ bias)`` and how far from it a float32 evaluation rounded to ``dtype``
+    may land: a float32 dot product of n terms, summed in any order, is within ``gamma_n * sum |w x|`` of the
+    exact value (gamma_n = n u / (1 - n u), u = 2^-24; the bias is one more term); each rounding to ``dtype``
+    then adds at most ``u_T |value| + eta_T`` (``roundings``: 2 where the matmul is rounded before the bias is
+    added, as F.linear may do)."""
+    terms = weight.double() * x.double()
+    exact = terms.sum(-1)
+    magnitude = terms.abs().sum(-1)
+    n = weight.shape[-1]
+    if bias is not None:
+        exact = exact + bias.double()
+        magnitude = magnitude + bias.double().abs()
+        n += 1
+    u = 2.0**-24
+    gamma = n * u / (1 - n * u)
+    # The float64 sums err by about n 2^-53 of the magnitude, a 2^-29 fraction of the float32 allowance.
+    summation = gamma * magnitude * (1 + 1e-6)
+    unit, eta = ROUNDING[dtype]
+    bound = summation + roundings * ((1 + unit) * unit * (exact.abs() + summation) + eta)
+    return exact, bound
+
+
+class TestCpuFusedMatvec:
+    """A single-row input on the CPU takes the fused dequantize-and-multiply kernel (``matvec_weight``, where
+    the CPU has AVX-512; the kernel itself is tested on every CPU): it equals dequantize-then-``F.linear`` up to
+    float32 summation order, so the comparisons use the error bound of that order rather than equality."""
+
+    @staticmethod
+    def check(packed, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from qlorakit.nn.dispatch import _gemv_cpu
+
+        fused = _gemv_cpu(packed, x, bias).reshape(*x.shape[:-1], packed.shape[0])
+        assert fused.dtype == x.dtype and fused.shape == (*x.shape[:-1], packed.shape[0])
+        weight = qlorakit.dequantize(packed, x.dtype)
+        exact, bound = float32_dot_bound(weight, x.reshape(-1), bias, x.dtype)
+        error = (fused.reshape(-1).double() - exact).abs()
+        assert (error <= bound).all(), f"worst error/bound {(error / bound).max():.3g}"
+        dense = torch.nn.functional.linear(x, weight, bias)
+        _, dense_bound = float32_dot_bound(weight, x.reshape(-1), bias, x.dtype, roundings=2)
+        difference = (fused.double() - dense.double()).reshape(-1).abs()
+        assert (difference <= bound + dense_bound).all()
+        return fused
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+    @pytest.mark.parametrize(
+        ("out_features", "in_features", "blocksize"),
+        [(96, 160, 64), (33, 77, 64), (5, 1, 32), (1, 300, 128), (17, 4096, 4096), (64, 1023, 256)],
+    )
+    @pytest.mark.parametrize("bias", [False, True])
+    def test_equals_dequantize_then_linear(
+        self, dtype: torch.dtype, out_features: int, in_features: int, blocksize: int, bias: bool
+    ) -> None:
+        torch.manual_seed(out_features * 7 + in_features)
+        packed = qlorakit.quantize(torch.randn(out_features, in_features) * 0.05, "nf4", blocksize)
+        b = torch.randn(out_features).to(dtype) if bias else None
+        for shape in [(in_features,), (1, in_features), (1, 1, in_features)]:
+            self.check(packed, torch.randn(shape).to(dtype), b)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+    def test_real_minilm_weights(self, minilm_weights, dtype: torch.dtype) -> None:
+        torch.manual_seed(0)
+        linear = {name: w for name, w in minilm_weights.items() if name.startswith("encoder.layer.")}
+        assert len(linear) == 36
+        for weight in linear.values():
+            packed = qlorakit.quantize(weight.contiguous(), "nf4", 64)
+            self.check(packed, torch.randn(weight.shape[1]).to(dtype), torch.randn(weight.shape[0]).to(dtype))
+
+    def test_linear4bit_single_row_forward_is_fused_and_backward_unchanged(self) -> None:
+        from qlorakit import _core
+        from qlorakit.nn.dispatch import matvec_weight
+
+        layer = make_layer(96, 160, True, torch.bfloat16)
+        x = torch.randn(1, 1, 160, dtype=torch.bfloat16, requires_grad=True)
+        out = layer(x)
+        # Linear4bit casts the (float32) bias to the compute dtype before the product.
+        expected = self.check(layer.packed_weight(), x.detach(), layer.bias.to(torch.bfloat16))
+        routed = matvec_weight(layer.packed_weight(), x.detach(), layer.bias.to(torch.bfloat16))
+        assert (routed is not None) == _core.GEMV_SIMD  # the portable kernel is not routed to
+        if _core.GEMV_SIMD:
+            assert torch.equal(out, expected)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        # The backward still dequantizes: the input gradient is exactly grad @ W.
+        assert torch.equal(x.grad, grad @ layer.dequantized_weight(torch.bfloat16))
+
+    def test_other_inputs_are_not_fused(self) -> None:
+        from qlorakit.nn.dispatch import matvec_weight
+
+        packed = make_layer(8, 64, False, torch.float32).packed_weight()
+        assert matvec_weight(packed, torch.randn(2, 64)) is None  # several rows
+        assert matvec_weight(packed, torch.randn(1, 64, dtype=torch.float64)) is None  # no kernel for float64
+        assert matvec_weight(packed, torch.randn(1, 32)) is None  # not one row of in_features
+
+
 def run_cli(*args: str) -> None:
     result = subprocess.run([sys.executable, "-m", "qlorakit", *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -20,7 +20,10 @@ What is timed, per input shape ``batch x seq`` (bf16 compute, CPU, no bias):
 
 Implementations:
 
-* ``qlorakit``: ``qlorakit.nn.Linear4bit.from_linear`` (NF4, blocksize 64, double quant).
+* ``qlorakit``: ``qlorakit.nn.Linear4bit.from_linear`` (NF4, blocksize 64, double quant). A
+  single-row input (the 1x1 shape) takes its fused dequantize-and-multiply kernel in the
+  forward (``matvec_weight``: the 4-bit codes read once, no bf16 weight written); its
+  backward, and every shape of several rows, dequantize and multiply.
 * ``bnb train()``: ``bitsandbytes.nn.Linear4bit`` holding the same packed data (built with
   ``Params4bit.from_prequantized`` from ``packed_weight().state_dict()``), in train mode:
   its dequantize + matmul path (``MatMul4Bit``; without grad, the ``gemm_4bit`` op).
@@ -332,14 +335,21 @@ def agreement_checks(report: ShapeReport, layers: Layers) -> list[str]:
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
+    from qlorakit.nn.dispatch import matvec_weight
+
     qk_g, bnb_g, dense_g = (last(PASS_FWD_BWD, i) for i in (IMPL_QK, IMPL_BNB, IMPL_DENSE))
     qk_y, bnb_y, dense_y = (last(PASS_FWD_NOGRAD, i) for i in (IMPL_QK, IMPL_BNB, IMPL_DENSE))
     eval_y = last(PASS_FWD_NOGRAD, IMPL_BNB_EVAL)
     repacked = bool(getattr(layers.bnb_eval.weight.quant_state, "packing_format_for_cpu", False))
     eval_path = "fused packed CPU kernel (weight repacked)" if repacked else "not repacked: same path as train()"
+    probe = torch.zeros(report.batch, report.seq, report.layer[1], dtype=torch.bfloat16)
+    fused = matvec_weight(layers.qk.packed_weight(), probe) is not None
+    # The fused kernel sums in another float32 order than bitsandbytes' matmul: its outputs may differ from
+    # train()'s in the last bf16 place (a bit-identical result is then a coincidence of the rounding).
+    qk_path = "fused dequantize-and-multiply kernel" if fused else "dequantize + matmul"
     return [
-        f"qlorakit vs bnb train(): outputs bit-identical {torch.equal(qk_y, bnb_y)}, "
-        f"input grads bit-identical {torch.equal(qk_g, bnb_g)}",
+        f"qlorakit forward ran the {qk_path}; vs bnb train(): outputs bit-identical {torch.equal(qk_y, bnb_y)} "
+        f"(rel. L2 diff {rel(qk_y, bnb_y):.2e}), input grads bit-identical {torch.equal(qk_g, bnb_g)}",
         f"bnb eval() forward ran the {eval_path}; its output vs qlorakit: rel. L2 diff {rel(eval_y, qk_y):.2e}",
         f"4-bit vs dense (quantization error, informational): output rel. L2 {rel(qk_y, dense_y):.2e}, "
         f"input grad rel. L2 {rel(qk_g, dense_g):.2e}",

@@ -10,6 +10,7 @@ FP4_CODE: list[float]
 DYNAMIC_MAP: list[float]
 BLOCKSIZES: list[int]
 DEFAULT_BLOCKSIZE: int
+GEMV_SIMD: bool
 NESTED_BLOCKSIZE: int
 ELEMENT_DTYPES: list[str]
 
@@ -38,6 +39,23 @@ def quantize_4bit_searched(
 
 def dequantize_4bit(packed: Any, absmax: Any, quant_type: str, blocksize: int, out: Any, dtype: str) -> None:
     """Dequantize ``packed`` with float32 ``absmax`` into ``out`` (bytes of ``dtype`` elements)."""
+
+def gemv_4bit(
+    packed: Any,
+    absmax: Any,
+    quant_type: str,
+    blocksize: int,
+    rows: int,
+    cols: int,
+    x: Any,
+    dtype: str,
+    out: Any,
+    bias: Any = None,
+) -> None:
+    """``out = W x (+ bias)`` for the 4-bit weight ``[rows, cols]`` (``packed`` uint8, float32
+    ``absmax``) and one input row ``x`` (``cols`` elements), without materializing W. ``x``,
+    ``bias`` (``rows``, or None) and ``out`` (``rows``) hold ``dtype`` elements; each weight
+    element is decoded as ``dequantize_4bit`` decodes it, sums accumulate in float32."""
 
 def double_quantize(absmax: Any, codes: Any, scales: Any) -> float:
     """Compress float32 ``absmax`` to uint8 ``codes`` and float32 ``scales`` (one per 256); return the offset."""

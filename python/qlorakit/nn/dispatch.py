@@ -11,9 +11,11 @@ import threading
 
 import torch
 
+from qlorakit import _core
+from qlorakit._native import byte_view, element_dtype_name
 from qlorakit.errors import QlorakitError
 from qlorakit.packed import PackedWeight
-from qlorakit.quantization import dequantize
+from qlorakit.quantization import decode_absmax, dequantize
 from qlorakit.tables import ELEMENT_DTYPES
 
 _CORE_DTYPES = tuple(ELEMENT_DTYPES.values())
@@ -66,15 +68,51 @@ def dequantize_weight(packed: PackedWeight, dtype: torch.dtype, reuse: bool = Fa
 
 
 def matvec_weight(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``x W^T + b`` for an input holding a single row, by a fused dequantize-and-multiply kernel where the
-    device has one (CUDA: batch-1 decoding), shaped ``[..., out_features]`` like ``F.linear``; ``None`` where
-    there is none (the CPU, several rows, other dtypes) and the caller dequantizes and multiplies."""
-    if x.device.type != "cuda" or packed.packed.device != x.device or len(packed.shape) != 2:
+    """``x W^T + b`` for an input holding a single row, by a fused dequantize-and-multiply kernel (batch-1
+    decoding: the 4-bit codes are read once, no dequantized weight is written), shaped ``[..., out_features]``
+    like ``F.linear``; ``None`` where there is none (several rows, other dtypes) and the caller dequantizes
+    and multiplies. CPU: the Rust core's ``gemv_4bit``; CUDA: the CuPy kernel. Both decode each weight element
+    as dequantization does and sum in float32, so the result is dequantize-then-``F.linear`` up to the
+    summation order."""
+    if packed.packed.device != x.device or len(packed.shape) != 2:
         return None
     if x.numel() != packed.shape[1] or x.dim() == 0:
         return None
-    cuda_ops = _cuda_ops()
-    if x.dtype not in cuda_ops.KERNEL_DTYPES:
+    if x.device.type == "cpu":
+        # Without AVX-512 the fused kernel is the portable one, slower than dequantize + matmul.
+        if x.dtype not in _CORE_DTYPES or not _core.GEMV_SIMD:
+            return None
+        out = _gemv_cpu(packed, x, bias)
+    elif x.device.type == "cuda":
+        cuda_ops = _cuda_ops()
+        if x.dtype not in cuda_ops.KERNEL_DTYPES:
+            return None
+        out = cuda_ops.gemv_4bit(packed, x, bias)
+    else:
         return None
-    out = cuda_ops.gemv_4bit(packed, x, bias)
     return out.reshape(*x.shape[:-1], packed.shape[0])
+
+
+def _gemv_cpu(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``W x (+ bias)`` as ``[out_features]`` in ``x.dtype`` by the Rust core (multithreaded, GIL released).
+
+    The double-quantized scales are decoded on every call rather than cached: it reads one byte per block
+    (1/32 of the packed codes at blocksize 64) and keeps the layer's memory at its packed size."""
+    rows, cols = packed.shape
+    x = x.reshape(-1).contiguous()
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    out = torch.empty(rows, dtype=x.dtype)
+    _core.gemv_4bit(
+        byte_view(packed.packed.contiguous(), "packed"),
+        byte_view(decode_absmax(packed), "absmax"),
+        packed.quant_type,
+        packed.blocksize,
+        rows,
+        cols,
+        byte_view(x, "x"),
+        element_dtype_name(x, "x"),
+        byte_view(out, "out"),
+        byte_view(bias, "bias") if bias is not None else None,
+    )
+    return out

@@ -1,11 +1,11 @@
 """``Linear4bit``: a frozen linear layer whose weight stays 4-bit in memory.
 
 Forward: the weight is dequantized to the compute dtype (on the CPU into a scratch buffer shared
-by all layers of that shape; on CUDA by the CuPy kernels) and multiplied; nothing of it is kept. An
-input of a single row on CUDA (batch-1 decoding) skips the dequantized weight altogether: a fused
-dequantize-and-multiply kernel reads the 4-bit codes once. Backward: the gradient with respect to
-the input is computed by dequantizing again (the full weight is not kept from the forward); the
-frozen weight gets no gradient.
+by all layers of that shape; on CUDA by the CuPy kernels) and multiplied; nothing of it is kept.
+An input of a single row (batch-1 decoding) skips the dequantized weight altogether where a fused
+dequantize-and-multiply kernel exists (CUDA; the CPU with AVX-512): it reads the 4-bit codes once.
+Backward: the gradient with respect to the input is computed by dequantizing again (the full
+weight is not kept from the forward); the frozen weight gets no gradient.
 """
 
 from __future__ import annotations

@@ -246,6 +246,72 @@ fn dequantize_4bit(
     .map_err(to_py_err)
 }
 
+/// `out = W x (+ bias)` for the 4-bit weight `[rows, cols]` (`packed`, float32 `absmax`)
+/// and one input row `x`, without materializing W; `x`, `bias` and `out` hold `dtype`.
+#[pyfunction]
+#[pyo3(signature = (packed, absmax, quant_type, blocksize, rows, cols, x, dtype, out, bias=None))]
+#[allow(clippy::too_many_arguments)]
+fn gemv_4bit(
+    py: Python<'_>,
+    packed: PyBuffer<u8>,
+    absmax: PyBuffer<u8>,
+    quant_type: &str,
+    blocksize: usize,
+    rows: usize,
+    cols: usize,
+    x: PyBuffer<u8>,
+    dtype: &str,
+    mut out: PyBuffer<u8>,
+    bias: Option<PyBuffer<u8>>,
+) -> PyResult<()> {
+    let quant_type = parse_quant_type(quant_type)?;
+    let blocksize = parse_blocksize(blocksize)?;
+    let mut inputs = vec![&packed, &absmax, &x];
+    inputs.extend(bias.as_ref());
+    ensure_disjoint(&out, &inputs)?;
+    let packed = view::<u8>(&packed, "packed")?;
+    let absmax = view::<f32>(&absmax, "absmax")?;
+    // Three buffers share the element type, so the dispatch is a generic function rather
+    // than `with_dtype!` (which types one).
+    fn typed<T: Element>(
+        py: Python<'_>,
+        packed: &[u8],
+        absmax: &[f32],
+        quant_type: QuantType,
+        blocksize: Blocksize,
+        (rows, cols): (usize, usize),
+        x: &PyBuffer<u8>,
+        bias: Option<&PyBuffer<u8>>,
+        out: &mut PyBuffer<u8>,
+    ) -> PyResult<()> {
+        let x = view::<T>(x, "x")?;
+        let bias = bias.map(|b| view::<T>(b, "bias")).transpose()?;
+        let out = view_mut::<T>(out, "out")?;
+        py.detach(|| {
+            core::gemv_4bit(
+                packed, absmax, quant_type, blocksize, rows, cols, x, bias, out,
+            )
+        })
+        .map_err(to_py_err)
+    }
+    let shape = (rows, cols);
+    let bias = bias.as_ref();
+    match dtype {
+        "float32" => typed::<f32>(
+            py, packed, absmax, quant_type, blocksize, shape, &x, bias, &mut out,
+        ),
+        "bfloat16" => typed::<bf16>(
+            py, packed, absmax, quant_type, blocksize, shape, &x, bias, &mut out,
+        ),
+        "float16" => typed::<f16>(
+            py, packed, absmax, quant_type, blocksize, shape, &x, bias, &mut out,
+        ),
+        other => Err(QuantizationError::new_err(format!(
+            "unsupported dtype {other:?}; expected float32, bfloat16 or float16"
+        ))),
+    }
+}
+
 /// Double-quantize float32 `absmax` into `codes` (uint8) and `scales` (float32); returns the offset.
 #[pyfunction]
 fn double_quantize(
@@ -316,6 +382,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DYNAMIC_MAP", code_values(&core::DYNAMIC_MAP_BITS))?;
     m.add("BLOCKSIZES", core::BLOCKSIZES.to_vec())?;
     m.add("DEFAULT_BLOCKSIZE", core::DEFAULT_BLOCKSIZE)?;
+    // Whether gemv_4bit runs a SIMD kernel on this CPU (else the portable one, slower than
+    // dequantize + matmul, so Python does not route single-row inputs to it).
+    m.add(
+        "GEMV_SIMD",
+        core::gemv::GemvKernel::best() != core::gemv::GemvKernel::Portable,
+    )?;
     m.add("NESTED_BLOCKSIZE", core::NESTED_BLOCKSIZE)?;
     m.add(
         "ELEMENT_DTYPES",
@@ -324,6 +396,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(gemv_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_4bit_searched, m)?)?;
     m.add_function(wrap_pyfunction!(double_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_absmax, m)?)?;
