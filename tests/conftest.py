@@ -1,12 +1,16 @@
-"""Shared fixtures: bitsandbytes as the reference, the real MiniLM checkpoint, RNG; GPU test skipping."""
+"""Shared fixtures and helpers: bitsandbytes as the reference, the real MiniLM checkpoint, a tiny Llama, RNG;
+running the CLI and the tools/ scripts; GPU test skipping."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 # bitsandbytes wraps its torch-backend helpers in torch.compile; the tests call them
 # with many shapes, so run them eagerly instead of recompiling each time.
@@ -75,3 +79,36 @@ def minilm_weights() -> dict[str, torch.Tensor]:
     weights = {name: t for name, t in tensors.items() if t.dim() == 2}
     assert len(weights) >= 30, f"expected the MiniLM checkpoint's 2-D weights, found {len(weights)}"
     return weights
+
+
+def save_tiny_llama(directory: Path, **config_overrides: object) -> None:
+    """A seeded 2-layer Llama (hidden size 128, vocabulary 512; ``config_overrides`` on top) saved in bfloat16
+    to ``directory``: the same weights on every call."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=384,  # bitsandbytes' CPU gemm needs multiples of its tile
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        **config_overrides,
+    )
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(directory))
+
+
+def run_cli(*args: str, **kwargs: object) -> subprocess.CompletedProcess:
+    """``python -m qlorakit ARGS`` in a subprocess, output captured as text; ``kwargs`` go to
+    ``subprocess.run`` (``timeout``, ``env``, ...)."""
+    return subprocess.run([sys.executable, "-m", "qlorakit", *args], capture_output=True, text=True, **kwargs)
+
+
+def load_script(path: Path, module_name: str) -> ModuleType:
+    """The Python script at ``path`` (a ``tools/`` program) imported as module ``module_name``."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look the module up while it executes
+    spec.loader.exec_module(module)
+    return module

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import save_file
 
 import qlorakit
@@ -298,19 +299,9 @@ def _no_checkpoint(src: Path) -> BadInput:
 # ---------------------------------------------------------------- running the CLI
 
 
-def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "qlorakit", *args],
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_S,
-        **kwargs,
-    )
-
-
 def run_parallel(jobs: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
     with ThreadPoolExecutor(max_workers=(os.cpu_count() or 2) + 1) as pool:
-        futures = {name: pool.submit(cli, *args) for name, args in jobs.items()}
+        futures = {name: pool.submit(run_cli, *args, timeout=CLI_TIMEOUT_S) for name, args in jobs.items()}
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -567,7 +558,7 @@ def test_full_disk_fails_cleanly(tiny_tmpfs: Path, tmp_path: Path) -> None:
     save(tensors, src / "model.safetensors")
     before = snapshot(src)
 
-    proc = cli("quantize", str(src), str(tiny_tmpfs / "dst"))
+    proc = run_cli("quantize", str(src), str(tiny_tmpfs / "dst"), timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 1, proc.stderr
     line = error_line(proc.stderr, allow_progress=True)
     assert "No space left" in line and str(tiny_tmpfs) in line

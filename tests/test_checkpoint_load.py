@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_dir
+from conftest import minilm_dir, run_cli, save_tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -20,8 +18,7 @@ from bnb_reference import compare_nested
 BNB_OPTIONS = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qlorakit", *args], capture_output=True, text=True, timeout=600)
+CLI_TIMEOUT_S = 600
 
 
 def tree_digest(directory: Path) -> dict[str, str]:
@@ -74,20 +71,8 @@ def assert_same_tensors_up_to_nested_codes(ours: Path, reference: Path, source: 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=384,  # bitsandbytes' CPU gemm needs multiples of its tile
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        max_position_embeddings=256,
-    )
     source = tmp_path_factory.mktemp("llama") / "src"
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(source))
+    save_tiny_llama(source, max_position_embeddings=256)
     (source / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))
     return source
 
@@ -96,7 +81,7 @@ def test_llama_loads_in_transformers_like_bitsandbytes_output(tiny_llama: Path, 
     from transformers import AutoModelForCausalLM
 
     before = tree_digest(tiny_llama)
-    result = run_cli("quantize", str(tiny_llama), str(tmp_path / "ours"))
+    result = run_cli("quantize", str(tiny_llama), str(tmp_path / "ours"), timeout=CLI_TIMEOUT_S)
     assert result.returncode == 0, result.stderr
     assert "bits/parameter" in result.stdout and "mean relative reconstruction error" in result.stdout
     assert tree_digest(tiny_llama) == before, "the source was modified"
@@ -135,8 +120,10 @@ def test_sharded_output_with_index(tiny_llama: Path, tmp_path: Path) -> None:
 
     single = tmp_path / "single"
     sharded = tmp_path / "sharded"
-    assert run_cli("quantize", str(tiny_llama), str(single), "--quiet").returncode == 0
-    result = run_cli("quantize", str(tiny_llama), str(sharded), "--quiet", "--max-shard-size", "60kB")
+    assert run_cli("quantize", str(tiny_llama), str(single), "--quiet", timeout=CLI_TIMEOUT_S).returncode == 0
+    result = run_cli(
+        "quantize", str(tiny_llama), str(sharded), "--quiet", "--max-shard-size", "60kB", timeout=CLI_TIMEOUT_S
+    )
     assert result.returncode == 0, result.stderr
     shards = sorted(p.name for p in sharded.glob("*.safetensors"))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -155,7 +142,7 @@ def test_minilm_hidden_states_like_bitsandbytes(tmp_path: Path, torch_one_thread
     from transformers import AutoModel
 
     source_dir = minilm_dir()
-    result = run_cli("quantize", str(source_dir), str(tmp_path / "ours"))
+    result = run_cli("quantize", str(source_dir), str(tmp_path / "ours"), timeout=CLI_TIMEOUT_S)
     assert result.returncode == 0, result.stderr
     route_model = transformers_route(source_dir, tmp_path / "reference", AutoModel, torch.float32)
     differing = assert_same_tensors_up_to_nested_codes(tmp_path / "ours", tmp_path / "reference", load_all(source_dir))

@@ -6,13 +6,13 @@ few unmarked ones check the CUDA path's CPU-side behaviour and run everywhere.""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 import qlorakit
 from kernel_emulation import assert_gemv_close, build, compiler_available
@@ -194,14 +194,6 @@ def test_linear4bit_on_cuda_matches_the_cpu(compute_dtype: torch.dtype):
     torch.testing.assert_close(row_gpu.grad.reshape(-1).cpu(), expected_grad, rtol=tol, atol=tol)
 
 
-def load_train_tool():
-    spec = importlib.util.spec_from_file_location("qlorakit_tools_train_lora_gpu", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
-
 def qlora_losses(tool, packed_dir: Path, corpus, device: str, steps: int) -> list[float]:
     """Adapters (seeded) on the packed checkpoint, trained with AdamW on the same batches on ``device``."""
     sizes = tool.QUICK
@@ -236,7 +228,7 @@ def test_short_qlora_training_run_on_cuda(tmp_path, monkeypatch):
 
     from qlorakit.kernels import cuda_ops
 
-    tool = load_train_tool()
+    tool = load_script(TRAIN_SCRIPT, "qlorakit_tools_train_lora_gpu")
     corpus = tool.load_corpus(Path(sysconfig.get_paths()["stdlib"]))
     torch.manual_seed(0)
     LlamaForCausalLM(tool.llama_config(tool.QUICK)).to(torch.bfloat16).save_pretrained(tmp_path / "base")

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_dir
+from conftest import minilm_dir, run_cli, save_tiny_llama
 
 import qlorakit
 from qlorakit.nn import Linear4bit
@@ -23,6 +21,18 @@ def make_layer(out_features: int, in_features: int, bias: bool, compute_dtype: t
     return Linear4bit.from_linear(dense, compute_dtype=compute_dtype)
 
 
+def assert_same_forward_and_backward(layer: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor) -> None:
+    """``layer(x)`` equals ``reference`` on a copy of ``x``, and so do the input gradients for one random
+    output gradient."""
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, expected = layer(x), reference(x_ref)
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(x.grad, x_ref.grad)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_forward_and_backward_equal_a_dense_layer_with_the_dequantized_weight(bias: bool) -> None:
     layer = make_layer(96, 160, bias, torch.float32)
@@ -31,14 +41,7 @@ def test_forward_and_backward_equal_a_dense_layer_with_the_dequantized_weight(bi
         dense.weight.copy_(layer.dequantized_weight(torch.float32))
         if bias:
             dense.bias.copy_(layer.bias)
-    x = torch.randn(3, 7, 160, requires_grad=True)
-    x_dense = x.detach().clone().requires_grad_(True)
-    out, expected = layer(x), dense(x_dense)
-    assert torch.equal(out, expected)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    assert torch.equal(x.grad, x_dense.grad)
+    assert_same_forward_and_backward(layer, dense, torch.randn(3, 7, 160, requires_grad=True))
     assert all(not p.requires_grad for p in layer.parameters())
 
 
@@ -69,14 +72,7 @@ def test_equals_bitsandbytes_linear4bit_on_the_same_packed_data(compute_dtype: t
     reference.weight = weight
     reference.bias = torch.nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
     reference.train()  # bitsandbytes' dequantize + matmul path (eval on some CPUs repacks the weight)
-    x = torch.randn(5, 192, dtype=compute_dtype, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    out, expected = layer(x), reference(x_ref)
-    assert torch.equal(out, expected)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    assert torch.equal(x.grad, x_ref.grad)
+    assert_same_forward_and_backward(layer, reference, torch.randn(5, 192, dtype=compute_dtype, requires_grad=True))
 
 
 def test_cuda_weights_get_a_clear_error() -> None:
@@ -193,8 +189,8 @@ class TestCpuFusedMatvec:
         assert matvec_weight(packed, torch.randn(1, 32)) is None  # not one row of in_features
 
 
-def run_cli(*args: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "qlorakit", *args], capture_output=True, text=True)
+def quantize_quietly(source: Path, destination: Path) -> None:
+    result = run_cli("quantize", str(source), str(destination), "--quiet")
     assert result.returncode == 0, result.stderr
 
 
@@ -208,20 +204,9 @@ def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def packed_llama(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-    )
     root = tmp_path_factory.mktemp("packed")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(root / "src"))
-    run_cli("quantize", str(root / "src"), str(root / "packed"), "--quiet")
+    save_tiny_llama(root / "src")
+    quantize_quietly(root / "src", root / "packed")
     return root / "packed"
 
 
@@ -240,7 +225,7 @@ def test_load_packed_llama_equals_transformers_bitsandbytes(packed_llama: Path) 
 def test_load_packed_minilm_equals_transformers_bitsandbytes(tmp_path: Path) -> None:
     from transformers import AutoModel
 
-    run_cli("quantize", str(minilm_dir()), str(tmp_path / "packed"), "--quiet")
+    quantize_quietly(minilm_dir(), tmp_path / "packed")
     ours = qlorakit.load_packed(tmp_path / "packed", compute_dtype=torch.float32)
     reference = without_dropout(
         AutoModel.from_pretrained(str(tmp_path / "packed"), device_map="cpu", dtype=torch.float32)

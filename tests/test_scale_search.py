@@ -11,13 +11,11 @@ import importlib
 import inspect
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_dir
+from conftest import minilm_dir, run_cli
 from safetensors.torch import load_file, save_file
 
 import qlorakit
@@ -68,10 +66,6 @@ def stdlib_sentences(count: int = SENTENCES) -> list[str]:
                 if len(seen) >= count:
                     return list(seen)
     raise AssertionError(f"only {len(seen)} sentences found")
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qlorakit", *args], capture_output=True, text=True, check=False)
 
 
 def embed(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

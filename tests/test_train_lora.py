@@ -6,27 +6,18 @@ twice; about 13 s on 2 quiet CPU cores (no timing is asserted)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "train_lora.py"
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("qlorakit_tools_train_lora", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool()
+    return load_script(SCRIPT, "qlorakit_tools_train_lora")
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench_common import cpu_model
+
 if TYPE_CHECKING:
     import torch
     from safetensors import safe_open
@@ -425,11 +427,7 @@ def package_version(name: str) -> str:
 
 def print_environment(src: Path, source_bytes: int, files: int, qlorakit: Sequence[str]) -> None:
     """Machine, versions and the source."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        cpu = names[0] if names else cpu
+    cpu = cpu_model(fallback=platform.machine())
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     print(f"machine: {cpu}, {os.cpu_count()} logical CPUs, {memory / 2**30:.1f} GiB RAM")
     print(

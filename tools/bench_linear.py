@@ -51,13 +51,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bench_common import configure_threads, cpu_model, rayon_threads
+from bench_common import configure_threads, print_machine
 
 if TYPE_CHECKING:
     import torch
@@ -137,22 +136,11 @@ def load_line(when: str) -> str:
 
 def print_environment(threads: int | None) -> None:
     import bitsandbytes
-    import torch
     from bitsandbytes.functional import has_avx512bf16
 
-    import qlorakit
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    n_rayon, source = rayon_threads()
-    print(f"CPU: {cpu_model()}; {len(os.sched_getaffinity(0))} cores available (os.cpu_count()={os.cpu_count()})")
-    print(
-        f"versions: python {platform.python_version()}, qlorakit {qlorakit.__version__}, torch {torch.__version__}, "
-        f"bitsandbytes {bitsandbytes.__version__}; AVX512-BF16 (bnb fused CPU kernel): {has_avx512bf16()}"
-    )
-    print(
-        f"threads: qlorakit (rayon) {n_rayon} [{source}], torch.get_num_threads() {torch.get_num_threads()}, "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}"
+    print_machine(
+        threads,
+        f"bitsandbytes {bitsandbytes.__version__}; AVX512-BF16 (bnb fused CPU kernel): {has_avx512bf16()}",
     )
     print(load_line("before the run"))
 
@@ -164,20 +152,16 @@ def print_environment(threads: int | None) -> None:
 class Candidate:
     """A timed callable: one implementation in one pass."""
 
-    pass_name: str
     impl: str
     fn: Callable[[], Any]
     best: float = math.inf
     reps: int = 0
     last: Any = None
 
-    def run(self) -> float:
+    def time_once(self) -> float:
         start = time.perf_counter()
         self.last = self.fn()
-        return time.perf_counter() - start
-
-    def time_once(self) -> float:
-        elapsed = self.run()
+        elapsed = time.perf_counter() - start
         self.best = min(self.best, elapsed)
         self.reps += 1
         return elapsed
@@ -305,18 +289,16 @@ def bench_shape(batch: int, seq: int, layers: Layers, args: argparse.Namespace) 
     grad = torch.randn(batch, seq, out_features, dtype=torch.float32).to(torch.bfloat16)
     training = [(IMPL_QK, layers.qk), (IMPL_BNB, layers.bnb), (IMPL_DENSE, layers.dense)]
 
-    report.groups[PASS_FWD_BWD] = [
-        Candidate(PASS_FWD_BWD, name, lambda m=m: fwd_bwd(m, x, grad)) for name, m in training
-    ]
-    report.groups[PASS_FWD_GRAD] = [Candidate(PASS_FWD_GRAD, name, lambda m=m: m(x)) for name, m in training]
+    report.groups[PASS_FWD_BWD] = [Candidate(name, lambda m=m: fwd_bwd(m, x, grad)) for name, m in training]
+    report.groups[PASS_FWD_GRAD] = [Candidate(name, lambda m=m: m(x)) for name, m in training]
     report.groups[PASS_FWD_NOGRAD] = [
-        Candidate(PASS_FWD_NOGRAD, name, lambda m=m: fwd_no_grad(m, x_plain))
+        Candidate(name, lambda m=m: fwd_no_grad(m, x_plain))
         for name, m in [*training, (IMPL_BNB_EVAL, layers.bnb_eval)]
     ]
     packed = layers.qk.packed_weight()
     report.groups[PASS_DEQUANT] = [
-        Candidate(PASS_DEQUANT, IMPL_QK, lambda: dequantize_weight(packed, torch.bfloat16)),
-        Candidate(PASS_DEQUANT, IMPL_BNB, lambda: bnb_dequantize(layers.bnb)),
+        Candidate(IMPL_QK, lambda: dequantize_weight(packed, torch.bfloat16)),
+        Candidate(IMPL_BNB, lambda: bnb_dequantize(layers.bnb)),
     ]
     # All passes in one round-robin: a burst of outside load hits every row alike.
     time_interleaved([cand for pass_name in PASSES for cand in report.groups[pass_name]], args.repeats)

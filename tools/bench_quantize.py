@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bench_common import configure_threads, cpu_model, rayon_threads
+from bench_common import configure_threads, print_machine, rayon_threads
 
 if TYPE_CHECKING:
     import torch
@@ -132,22 +131,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def print_environment(threads: int | None) -> None:
     import bitsandbytes
     import numpy as np
-    import torch
     import torchao
 
-    import qlorakit
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    n_rayon, source = rayon_threads()
-    print(f"CPU: {cpu_model()}; {len(os.sched_getaffinity(0))} cores available (os.cpu_count()={os.cpu_count()})")
-    print(
-        f"versions: python {platform.python_version()}, qlorakit {qlorakit.__version__}, torch {torch.__version__}, "
-        f"numpy {np.__version__}, bitsandbytes {bitsandbytes.__version__}, torchao {torchao.__version__}"
-    )
-    print(
-        f"threads: qlorakit (rayon) {n_rayon} [{source}], torch.get_num_threads() {torch.get_num_threads()}, "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}; numpy copy is single-threaded"
+    print_machine(
+        threads,
+        f"numpy {np.__version__}, bitsandbytes {bitsandbytes.__version__}, torchao {torchao.__version__}",
+        "; numpy copy is single-threaded",
     )
     load = os.getloadavg()[0]
     busy = "  <- busy machine: other processes compete for the cores, timings will be noisy" if load > 0.5 else ""

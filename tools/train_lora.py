@@ -137,7 +137,8 @@ def load_corpus(root: Path) -> Corpus:
     held_out = [f for f in files if f.split("/", 1)[0] in HELD_OUT_PACKAGES]
     pretrain = [f for f in files if f.split("/", 1)[0] not in HELD_OUT_PACKAGES]
     eval_files = held_out[::EVAL_EVERY_NTH_FILE]
-    finetune = [f for f in held_out if f not in set(eval_files)]
+    eval_set = set(eval_files)
+    finetune = [f for f in held_out if f not in eval_set]
     if not pretrain or not finetune or not eval_files:
         raise RuntimeError(f"{root}: expected stdlib sources with the packages {HELD_OUT_PACKAGES}")
     return Corpus(

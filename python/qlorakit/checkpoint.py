@@ -15,14 +15,14 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlorakit import __version__, _core
 from qlorakit._core import CheckpointError
-from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, QUANT_TYPES
+from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, QUANT_STATE_MARKER, QUANT_TYPES
 from qlorakit.hf_files import COMPUTE_DTYPES, copy_other_files, quantization_config, write_config
 from qlorakit.progress import ProgressBar, human_bytes
 from qlorakit.selection import Selection, select_tensors
@@ -291,11 +291,12 @@ def _process_exists(pid: int) -> bool:
 
 def _sync_tree(directory: Path) -> None:
     """fsyncs every file (shards are synced as written) and the directories."""
-    for path in directory.rglob("*"):
+    paths = list(directory.rglob("*"))
+    for path in paths:
         if path.is_file() and not path.name.endswith(".safetensors"):
             with open(path, "rb+") as handle:
                 os.fsync(handle.fileno())
-    for folder in [directory, *[p for p in directory.rglob("*") if p.is_dir()]]:
+    for folder in [directory, *[p for p in paths if p.is_dir()]]:
         descriptor = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(descriptor)
@@ -336,12 +337,12 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     headers = [(file, *_core.read_header(str(file))) for file in files]
     metadata = headers[0][1]
     states = {
-        name.split(".quant_state.bitsandbytes__")[0]: (file, name)
+        name.split(QUANT_STATE_MARKER)[0]: (file, name)
         for file, _, entries in headers
         for name, *_ in entries
-        if ".quant_state.bitsandbytes__" in name
+        if QUANT_STATE_MARKER in name
     }
-    quantized = [_read_quant_state(file, name) for file, name in states.values()]
+    quantized = _read_quant_states(states.values())
     dtypes: dict[str, int] = {}
     params = payload = tensors = 0
     for _, _, entries in headers:
@@ -371,11 +372,18 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     }
 
 
-def _read_quant_state(file: Path, name: str) -> dict:
+def _read_quant_states(entries: Iterable[tuple[Path, str]]) -> list[dict]:
+    """The quant_state JSON of each (file, tensor name), opening each file once."""
     from safetensors import safe_open
 
-    with safe_open(str(file), framework="pt") as handle:
-        return json.loads(bytes(handle.get_tensor(name).numpy()).decode())
+    names_by_file: dict[Path, list[str]] = {}
+    for file, name in entries:
+        names_by_file.setdefault(file, []).append(name)
+    states = []
+    for file, names in names_by_file.items():
+        with safe_open(str(file), framework="pt") as handle:
+            states += [json.loads(bytes(handle.get_tensor(name).numpy()).decode()) for name in names]
+    return states
 
 
 @dataclass
@@ -424,9 +432,9 @@ def verify_checkpoint(path: str | os.PathLike, against: str | os.PathLike | None
             names = list(handle.keys())
             tensors = {name: handle.get_tensor(name) for name in names}
         for name in names:
-            if ".quant_state.bitsandbytes__" not in name:
+            if QUANT_STATE_MARKER not in name:
                 continue
-            prefix = name.split(".quant_state.bitsandbytes__")[0]
+            prefix = name.split(QUANT_STATE_MARKER)[0]
             try:
                 weight = dequantize(PackedWeight.from_state_dict(tensors, prefix), torch.float32)
             except Exception as exc:  # report every undecodable weight, not just the first

@@ -13,7 +13,8 @@ from pathlib import Path
 from qlorakit import __version__
 from qlorakit.checkpoint import inspect_checkpoint, quantize_checkpoint, verify_checkpoint
 from qlorakit.errors import QlorakitError
-from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE
+from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, QUANT_TYPES
+from qlorakit.hf_files import COMPUTE_DTYPES
 
 #: Layers of the embedded default checkpoint (TinyLlama-1.1B's shape; 438 MB in bf16).
 DEMO_LAYERS = 2
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--layers", type=int, default=DEMO_LAYERS, help=f"decoder layers (default {DEMO_LAYERS})")
     demo.add_argument("--workdir", help="keep the source and output here (default: a temporary directory)")
-    demo.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
+    demo.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4")
     demo.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=DEFAULT_BLOCKSIZE)
     demo.add_argument("--no-double-quant", dest="double_quant", action="store_false")
 
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("src", help="source model directory or .safetensors file (read only)")
     quantize.add_argument("dst", help="destination directory (must not exist unless --force)")
-    quantize.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
+    quantize.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4")
     quantize.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=DEFAULT_BLOCKSIZE)
     quantize.add_argument("--no-double-quant", dest="double_quant", action="store_false")
     quantize.add_argument(
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="with --scale-search: per-input-column importance vectors (qlorakit importance) weighting the error",
     )
-    quantize.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    quantize.add_argument("--compute-dtype", choices=tuple(COMPUTE_DTYPES), default="bf16")
     quantize.add_argument(
         "--skip", nargs="+", default=[], metavar="PATTERN", help="module names/regexes to keep unquantized"
     )

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from qlorakit.errors import CheckpointError
+from qlorakit.formats import QUANT_STATE_MARKER
+from qlorakit.lora import _set_submodule
 from qlorakit.nn.linear4bit import Linear4bit
 from qlorakit.packed import PackedWeight
 
-_STATE_MARKER = ".quant_state.bitsandbytes__"
 _PACKED_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
@@ -78,7 +79,7 @@ def load_packed(
     model = _build_on_meta(directory)
     compute_dtype = compute_dtype or _recorded_compute_dtype(directory)
     tensors = _read_tensors(directory)
-    prefixes = [name.split(_STATE_MARKER)[0] for name in tensors if _STATE_MARKER in name]
+    prefixes = [name.split(QUANT_STATE_MARKER)[0] for name in tensors if QUANT_STATE_MARKER in name]
     if not prefixes:
         raise CheckpointError(f"{directory}: no 4-bit quantized weights (not a packed checkpoint)")
     consumed: set[str] = set()
@@ -90,7 +91,7 @@ def load_packed(
         packed = PackedWeight.from_state_dict(tensors, prefix)
         bias = tensors.get(f"{module_path}.bias")
         layer = Linear4bit(packed, bias, compute_dtype)
-        _set_module(model, _module_name(model, module), layer)
+        _set_submodule(model, _module_name(model, module), layer)
         consumed.update(k for k in tensors if k == prefix or k.startswith(prefix + "."))
         if bias is not None:
             consumed.add(f"{module_path}.bias")
@@ -121,11 +122,6 @@ def _find_module(model: nn.Module, path: str) -> nn.Module | None:
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:

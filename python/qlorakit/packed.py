@@ -22,10 +22,8 @@ import torch
 
 from qlorakit import _core
 from qlorakit._core import QuantizationError
-from qlorakit.formats import QUANT_TYPES
+from qlorakit.formats import QUANT_STATE_MARKER, QUANT_TYPES
 from qlorakit.tables import code_table, dtype_from_name, dtype_name, dynamic_map
-
-_QUANT_STATE_PREFIX = "quant_state.bitsandbytes__"
 
 
 @dataclass
@@ -94,18 +92,17 @@ class PackedWeight:
             tensors[f"{prefix}.nested_absmax"] = self.nested_absmax
             tensors[f"{prefix}.nested_quant_map"] = dynamic_map()
         state_json = self.quant_state_json().encode("utf-8")
-        key = f"{prefix}.{_QUANT_STATE_PREFIX}{self.quant_type}"
+        key = f"{prefix}{QUANT_STATE_MARKER}{self.quant_type}"
         tensors[key] = torch.frombuffer(bytearray(state_json), dtype=torch.uint8)
         return tensors
 
     @classmethod
     def from_state_dict(cls, tensors: Mapping[str, torch.Tensor], prefix: str = "weight") -> PackedWeight:
         """Reads the tensors of :meth:`state_dict` back — also ones bitsandbytes wrote."""
-        state_keys = [k for k in tensors if k.startswith(f"{prefix}.{_QUANT_STATE_PREFIX}")]
+        state_keys = [k for k in tensors if k.startswith(f"{prefix}{QUANT_STATE_MARKER}")]
         if len(state_keys) != 1:
             raise QuantizationError(
-                f"{prefix}: expected exactly one '{prefix}.{_QUANT_STATE_PREFIX}nf4|fp4' tensor, "
-                f"found {len(state_keys)}"
+                f"{prefix}: expected exactly one '{prefix}{QUANT_STATE_MARKER}nf4|fp4' tensor, found {len(state_keys)}"
             )
         raw = tensors[state_keys[0]]
         try:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qlorakit.lora import _set_submodule
 from qlorakit.nn.linear4bit import Linear4bit
 
 
@@ -69,8 +70,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
                 module.dequantized_weight(torch.float32).to(module.weight_dtype), requires_grad=False
             )
             dense.bias = module.bias
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, dense)
+            _set_submodule(model, name, dense)
     return model
 
 

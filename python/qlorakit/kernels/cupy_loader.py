@@ -64,8 +64,9 @@ def get_kernel(file: str, name: str, device: torch.device | str | int, defines: 
     return kernel
 
 
-def _current_stream(cupy: ModuleType, index: int) -> Any:
+def current_stream(index: int) -> Any:
     """PyTorch's current stream on device ``index``, as a CuPy stream object (cached per stream)."""
+    cupy = require_cupy()
     handle = torch.cuda.current_stream(index).cuda_stream
     stream = _streams.get((index, handle))
     if stream is None:
@@ -107,5 +108,5 @@ def launch(
                 f"kernel argument {position}: expected a CUDA tensor, None or a numpy scalar, got {type(arg).__name__}"
             )
     index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    with cupy.cuda.Device(index), _current_stream(cupy, index):
+    with cupy.cuda.Device(index), current_stream(index):
         kernel(tuple(grid), tuple(block), tuple(values), shared_mem=shared_mem)

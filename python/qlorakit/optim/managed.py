@@ -141,18 +141,6 @@ def _advise(memory: Any, device_index: int) -> None:
             _warn_once(f"advise:{name}", f"cudaMemAdvise({name}) failed ({error}); continuing without it")
 
 
-@functools.lru_cache(maxsize=64)
-def _cupy_stream(stream_ptr: int, device_index: int) -> Any:
-    from qlorakit.kernels.cupy_loader import require_cupy
-
-    cupy = require_cupy()
-    with warnings.catch_warnings():
-        # CuPy 14 deprecates ExternalStream for Stream.from_external (the __cuda_stream__ protocol);
-        # ExternalStream is the spelling CuPy 13 and 14 share, and prefetch only reads its .ptr.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return cupy.cuda.ExternalStream(stream_ptr, device_index)
-
-
 def managed_buffer(tensor: torch.Tensor) -> ManagedBuffer | None:
     """The managed allocation under ``tensor`` (any view of it), or None for other memory."""
     if not tensor.is_cuda:
@@ -181,9 +169,10 @@ def prefetch_to_device(tensor: torch.Tensor) -> bool:
     buffer = managed_buffer(tensor)
     if buffer is None or not concurrent_managed_access(buffer.device_index):
         return False
-    stream = torch.cuda.current_stream(tensor.device)
+    from qlorakit.kernels.cupy_loader import current_stream
+
     try:
-        buffer.memory.mem.prefetch(_cupy_stream(stream.cuda_stream, buffer.device_index))
+        buffer.memory.mem.prefetch(current_stream(buffer.device_index))
     except Exception as error:  # prefetch is an optimization: pages still fault in
         _warn_once("prefetch", f"cudaMemPrefetchAsync failed ({error}); states will migrate on demand instead")
         return False

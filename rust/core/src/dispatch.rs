@@ -4,6 +4,14 @@
 //! one copy per instruction set (AVX-512, AVX2, baseline) and picks the best the running
 //! CPU supports, so one portable binary (a manylinux wheel) uses wide vectors where it can.
 
+/// Whether the running CPU has AVX-512 F/BW/VL, the subset every AVX-512 path here uses.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
 /// Defines `$name(args) -> ret` that calls `$body_fn(args)` compiled for the best
 /// available x86-64 feature level. `$body_fn` must be `#[inline(always)]`.
 macro_rules! multiversion {
@@ -25,11 +33,7 @@ macro_rules! multiversion {
                 let avx2 = std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
                     && std::arch::is_x86_feature_detected!("bmi2");
-                if avx2
-                    && std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                {
+                if avx2 && $crate::dispatch::has_avx512() {
                     // SAFETY: the CPU supports every feature the function was compiled for.
                     return unsafe { with_avx512::<$t>($($arg),*) };
                 }

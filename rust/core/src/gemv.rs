@@ -84,11 +84,7 @@ impl GemvKernel {
         match self {
             GemvKernel::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            GemvKernel::Avx512 => {
-                std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-            }
+            GemvKernel::Avx512 => crate::dispatch::has_avx512(),
             #[cfg(not(target_arch = "x86_64"))]
             GemvKernel::Avx512 => false,
         }

@@ -28,7 +28,7 @@ fn check_buffers(numel: usize, blocksize: Blocksize, packed: &[u8], absmax: &[f3
     check_len("absmax output", blocksize.blocks(numel), absmax.len())
 }
 
-fn non_finite_error<T: Element>(input: &[T], index: usize) -> QuantError {
+pub(crate) fn non_finite_error<T: Element>(input: &[T], index: usize) -> QuantError {
     QuantError::NonFinite {
         index,
         value: input[index].to_f32(),
@@ -156,14 +156,10 @@ fn quantize_task_body<T: Element>(
         .zip(packed.chunks_mut(blocksize / 2))
         .zip(absmax.iter_mut());
     for (block_index, ((block, codes), block_absmax)) in blocks.enumerate() {
-        let max_bits = block.iter().fold(0u32, |m, x| m.max(x.abs_bits()));
-        if max_bits >= T::NON_FINITE_ABS_BITS {
-            let local = block
-                .iter()
-                .position(|x| x.abs_bits() >= T::NON_FINITE_ABS_BITS);
-            return Some(block_index * blocksize + local.unwrap_or(0));
-        }
-        let max_abs = T::from_abs_bits(max_bits);
+        let max_abs = match block_max_abs(block) {
+            Ok(max_abs) => max_abs,
+            Err(local) => return Some(block_index * blocksize + local),
+        };
         let floored = max_abs.max(ABSMAX_FLOOR);
         if block.len() == blocksize {
             *block_absmax = max_abs;
@@ -174,6 +170,19 @@ fn quantize_task_body<T: Element>(
         }
     }
     None
+}
+
+/// A block's largest magnitude, or the block-local index of its first non-finite value.
+#[inline(always)]
+pub(crate) fn block_max_abs<T: Element>(block: &[T]) -> std::result::Result<f32, usize> {
+    let max_bits = block.iter().fold(0u32, |m, x| m.max(x.abs_bits()));
+    if max_bits >= T::NON_FINITE_ABS_BITS {
+        let local = block
+            .iter()
+            .position(|x| x.abs_bits() >= T::NON_FINITE_ABS_BITS);
+        return Err(local.unwrap_or(0));
+    }
+    Ok(T::from_abs_bits(max_bits))
 }
 
 pub(crate) fn quantize_partial_block<T: Element>(

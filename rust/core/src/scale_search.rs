@@ -38,7 +38,7 @@ use crate::error::{QuantError, Result};
 use crate::layout::{
     check_len, nested_blocks, packed_len, task_blocks, Blocksize, ABSMAX_FLOOR, BLOCKSIZES,
 };
-use crate::quantize::{quantize_4bit, quantize_partial_block};
+use crate::quantize::{block_max_abs, non_finite_error, quantize_4bit, quantize_partial_block};
 
 /// Candidate scales per block: `absmax * (1 - k * CANDIDATE_STEP)`, `k < CANDIDATES`.
 pub const CANDIDATES: usize = 4;
@@ -172,10 +172,7 @@ pub fn quantize_4bit_searched<T: Element>(
         })
         .min();
     if let Some(index) = first_bad {
-        return Err(QuantError::NonFinite {
-            index,
-            value: input[index].to_f32(),
-        });
+        return Err(non_finite_error(input, index));
     }
 
     // 2. Store the chosen scales; the scales as they decode, for them and for absmax.
@@ -184,16 +181,12 @@ pub fn quantize_4bit_searched<T: Element>(
     let decoded_absmax = if offset.is_some() {
         let mut codes = vec![0u8; blocks];
         let mut scales = vec![0.0f32; nested_blocks(blocks)];
-        let absmax_offset = store_scales(
-            &absmax,
-            &mut ScaleStore::Double {
-                codes: &mut codes,
-                scales: &mut scales,
-            },
-        )?;
-        let mut decoded = vec![0.0f32; blocks];
-        dequantize_absmax(&codes, &scales, absmax_offset.unwrap_or(0.0), &mut decoded)?;
-        decoded
+        let mut absmax_store = ScaleStore::Double {
+            codes: &mut codes,
+            scales: &mut scales,
+        };
+        let absmax_offset = store_scales(&absmax, &mut absmax_store)?;
+        decoded_scales(&absmax_store, absmax_offset, absmax.clone())?
     } else {
         absmax.clone()
     };
@@ -291,14 +284,10 @@ fn search_task_body<T: Element>(
         .zip(baseline)
         .enumerate();
     for (i, (((block, absmax), chosen), baseline)) in blocks {
-        let max_bits = block.iter().fold(0u32, |m, x| m.max(x.abs_bits()));
-        if max_bits >= T::NON_FINITE_ABS_BITS {
-            let local = block
-                .iter()
-                .position(|x| x.abs_bits() >= T::NON_FINITE_ABS_BITS);
-            return Some(i * bs + local.unwrap_or(0));
-        }
-        let max_abs = T::from_abs_bits(max_bits);
+        let max_abs = match block_max_abs(block) {
+            Ok(max_abs) => max_abs,
+            Err(local) => return Some(i * bs + local),
+        };
         let floored = max_abs.max(ABSMAX_FLOOR);
         let weights = ctx
             .importance

@@ -236,10 +236,7 @@ fn plan_tensors<'a>(
                 shape: info.shape.clone(),
             }]
         };
-        let out_bytes = outputs
-            .iter()
-            .map(|e| (e.shape.iter().product::<usize>() * e.dtype.size()) as u64)
-            .sum::<u64>()
+        let out_bytes = entries_bytes(&outputs)
             + if quantize {
                 MAX_QUANT_STATE_LEN as u64
             } else {
@@ -291,6 +288,11 @@ fn quantized_outputs(info: &TensorInfo, options: &Options) -> Vec<EntrySpec> {
         outputs.push(entry("absmax", Dtype::F32, vec![blocks]));
     }
     outputs
+}
+
+/// Total bytes of the fixed-size tensors `entries`.
+fn entries_bytes(entries: &[EntrySpec]) -> u64 {
+    entries.iter().map(|e| e.byte_len() as u64).sum()
 }
 
 /// Groups consecutive tensors into shards of at most `max_bytes` (estimated output size).
@@ -347,6 +349,45 @@ impl Workspace {
     ) -> Result<TensorReport> {
         let info = planned.info;
         let raw = planned.file.bytes(info);
+        let weights = match importance {
+            Some(file) => file.vector(&info.name, info.shape[1])?,
+            None => None,
+        };
+        let weights = weights.as_deref();
+        // Unaligned data is copied into `aligned` once; the buffer is handed back after.
+        let mut aligned = std::mem::take(&mut self.aligned);
+        let report = match info.dtype {
+            Dtype::F32 => {
+                let values = typed::<f32>(raw, &mut aligned);
+                self.quantize_typed(values, planned, options, weights, writer)
+            }
+            Dtype::BF16 => {
+                let values = typed::<bf16>(raw, &mut aligned);
+                self.quantize_typed(values, planned, options, weights, writer)
+            }
+            Dtype::F16 => {
+                let values = typed::<f16>(raw, &mut aligned);
+                self.quantize_typed(values, planned, options, weights, writer)
+            }
+            other => Err(CheckpointError::BadSelection {
+                tensor: info.name.clone(),
+                reason: format!("its dtype {} cannot be quantized", other.name()),
+            }),
+        };
+        self.aligned = aligned;
+        report
+    }
+
+    /// Quantizes `values` (the tensor `planned`) and writes bitsandbytes' tensors for it.
+    fn quantize_typed<T: Element>(
+        &mut self,
+        values: &[T],
+        planned: &Planned<'_>,
+        options: &Options,
+        weights: Option<&[f32]>,
+        writer: &mut ShardWriter,
+    ) -> Result<TensorReport> {
+        let info = planned.info;
         let numel = info.numel();
         let blocks = options.blocksize.blocks(numel);
         self.packed.resize(packed_len(numel), 0);
@@ -357,22 +398,7 @@ impl Workspace {
             source,
         };
         let name = &info.name;
-        let weights = match importance {
-            Some(file) => file.vector(name, info.shape[1])?,
-            None => None,
-        };
-        let (squared_error, squared_norm, search) = match info.dtype {
-            Dtype::F32 => self.quantize_typed::<f32>(raw, options, weights.as_deref()),
-            Dtype::BF16 => self.quantize_typed::<bf16>(raw, options, weights.as_deref()),
-            Dtype::F16 => self.quantize_typed::<f16>(raw, options, weights.as_deref()),
-            other => {
-                return Err(CheckpointError::BadSelection {
-                    tensor: info.name.clone(),
-                    reason: format!("its dtype {} cannot be quantized", other.name()),
-                })
-            }
-        }
-        .map_err(context)?;
+        let search = self.quantize(values, options, weights).map_err(context)?;
         writer.write(
             &format!("{name}.quant_map"),
             f32_bytes(&options.quant_type.codebook().values, &mut self.bytes),
@@ -420,23 +446,18 @@ impl Workspace {
         let json = state.to_json().into_bytes();
         let json_len = json.len();
         writer.push_variable(format!("{name}.{}", state.key_suffix()), json);
-        let (squared_error, squared_norm) = if nested_offset.is_some() {
-            self.sample_error(raw, info.dtype, options)
+        let scales = if nested_offset.is_some() {
+            &self.decoded_absmax
         } else {
-            (squared_error, squared_norm)
+            &self.absmax
         };
-        let bytes_out = planned
-            .outputs
-            .iter()
-            .map(|e| (e.shape.iter().product::<usize>() * e.dtype.size()) as u64)
-            .sum::<u64>()
-            + json_len as u64;
+        let (squared_error, squared_norm) = sampled_error(values, &self.packed, scales, options);
         Ok(TensorReport {
             name: name.clone(),
             quantized: true,
             params: numel as u64,
-            bytes_in: raw.len() as u64,
-            bytes_out,
+            bytes_in: (info.end - info.begin) as u64,
+            bytes_out: entries_bytes(&planned.outputs) + json_len as u64,
             squared_error,
             squared_norm,
             search: search.map(|r| SearchSummary {
@@ -450,37 +471,15 @@ impl Workspace {
     }
 
     /// Quantizes into `packed` and `absmax` (or, searched with double quantization, the
-    /// nested `codes`/`scales`); without double quant also measures the sampled error.
-    fn quantize_typed<T: Element>(
+    /// nested `codes`/`scales`).
+    fn quantize<T: Element>(
         &mut self,
-        raw: &[u8],
+        values: &[T],
         options: &Options,
         importance: Option<&[f32]>,
-    ) -> crate::Result<(f64, f64, Option<SearchReport>)> {
-        let values = typed::<T>(raw, &mut self.aligned);
+    ) -> crate::Result<Option<SearchReport>> {
         let (quant_type, blocksize) = (options.quant_type, options.blocksize);
-        let search = if options.scale_search {
-            let store = if options.double_quant {
-                let blocks = self.absmax.len();
-                self.codes.resize(blocks, 0);
-                self.scales.resize(nested_blocks(blocks), 0.0);
-                ScaleStore::Double {
-                    codes: &mut self.codes,
-                    scales: &mut self.scales,
-                }
-            } else {
-                ScaleStore::Float(&mut self.absmax)
-            };
-            let importance = importance.map(Importance::new).transpose()?;
-            Some(quantize_4bit_searched(
-                values,
-                quant_type,
-                blocksize,
-                importance,
-                &mut self.packed,
-                store,
-            )?)
-        } else {
+        if !options.scale_search {
             quantize_4bit(
                 values,
                 quant_type,
@@ -488,38 +487,29 @@ impl Workspace {
                 &mut self.packed,
                 &mut self.absmax,
             )?;
-            None
+            return Ok(None);
+        }
+        let store = if options.double_quant {
+            let blocks = self.absmax.len();
+            self.codes.resize(blocks, 0);
+            self.scales.resize(nested_blocks(blocks), 0.0);
+            ScaleStore::Double {
+                codes: &mut self.codes,
+                scales: &mut self.scales,
+            }
+        } else {
+            ScaleStore::Float(&mut self.absmax)
         };
-        if options.double_quant {
-            return Ok((0.0, 0.0, search));
-        }
-        let (error, norm) = sampled_error(values, &self.packed, &self.absmax, options);
-        Ok((error, norm, search))
-    }
-
-    fn sample_error(&mut self, raw: &[u8], dtype: Dtype, options: &Options) -> (f64, f64) {
-        match dtype {
-            Dtype::F32 => sampled_error(
-                typed::<f32>(raw, &mut self.aligned),
-                &self.packed,
-                &self.decoded_absmax,
-                options,
-            ),
-            Dtype::BF16 => sampled_error(
-                typed::<bf16>(raw, &mut self.aligned),
-                &self.packed,
-                &self.decoded_absmax,
-                options,
-            ),
-            Dtype::F16 => sampled_error(
-                typed::<f16>(raw, &mut self.aligned),
-                &self.packed,
-                &self.decoded_absmax,
-                options,
-            ),
-            // Only float tensors reach here (checked when quantizing).
-            _ => (0.0, 0.0),
-        }
+        let importance = importance.map(Importance::new).transpose()?;
+        quantize_4bit_searched(
+            values,
+            quant_type,
+            blocksize,
+            importance,
+            &mut self.packed,
+            store,
+        )
+        .map(Some)
     }
 }
 

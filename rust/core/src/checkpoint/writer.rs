@@ -34,7 +34,7 @@ pub struct EntrySpec {
 }
 
 impl EntrySpec {
-    fn byte_len(&self) -> usize {
+    pub(crate) fn byte_len(&self) -> usize {
         self.shape.iter().product::<usize>() * self.dtype.size()
     }
 }

@@ -52,11 +52,7 @@ impl Encoder {
             #[cfg(target_arch = "x86_64")]
             Encoder::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
             #[cfg(target_arch = "x86_64")]
-            Encoder::Avx512 => {
-                std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-            }
+            Encoder::Avx512 => crate::dispatch::has_avx512(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
