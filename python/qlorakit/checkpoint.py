@@ -25,7 +25,7 @@ from qlorakit._core import CheckpointError
 from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, QUANT_STATE_MARKER, QUANT_TYPES
 from qlorakit.hf_files import COMPUTE_DTYPES, copy_other_files, quantization_config, write_config
 from qlorakit.progress import ProgressBar, human_bytes
-from qlorakit.selection import Selection, select_tensors
+from qlorakit.selection import Selection, kept_summary, select_tensors
 
 #: Version of qlorakit's own metadata in the safetensors headers.
 FORMAT_VERSION = "1"
@@ -83,6 +83,10 @@ class QuantizeReport:
     shards: list[tuple[str, int]] = field(default_factory=list)
     per_tensor_error: dict[str, float] = field(default_factory=dict)
     search: ScaleSearchReport | None = None
+    #: One line per reason tensors stayed in their stored precision.
+    kept: list[str] = field(default_factory=list)
+    #: Seconds spent deciding what to quantize (building the model on the meta device).
+    planning_seconds: float = 0.0
 
     @property
     def bits_per_param(self) -> float:
@@ -99,12 +103,14 @@ class QuantizeReport:
             [
                 f"quantized {self.tensors_quantized} tensors ({self.params_quantized / 1e6:.1f} M params), "
                 f"kept {self.tensors_kept} ({self.params_kept / 1e6:.1f} M params) [{self.selection_method}]",
+                *[f"  {line}" for line in self.kept],
                 f"size {human_bytes(self.bytes_in)} -> {human_bytes(self.bytes_out)} "
                 f"in {len(self.shards)} file(s), {self.bits_per_param:.3f} bits/parameter",
                 f"mean relative reconstruction error {self.mean_relative_error:.4f} "
                 f"(sampled on 1 block in {_core.ERROR_SAMPLE_STRIDE})",
                 *([self.search.summary()] if self.search else []),
-                f"wall time {self.seconds:.2f} s, {self.gb_per_s:.2f} GB/s -> {self.destination}",
+                f"wall time {self.seconds:.2f} s ({self.planning_seconds:.2f} s of it planning), "
+                f"{self.gb_per_s:.2f} GB/s -> {self.destination}",
             ]
         )
 
@@ -131,7 +137,7 @@ def quantize_checkpoint(
     double_quant: bool = True,
     compute_dtype: str = "bf16",
     skip: Sequence[str] = (),
-    transformers_rule: bool = False,
+    rule: str = "transformers",
     scale_search: bool = False,
     importance: str | os.PathLike | None = None,
     threads: int | None = None,
@@ -142,10 +148,10 @@ def quantize_checkpoint(
     """Quantizes the safetensors checkpoint at ``src`` (a model directory or one
     ``.safetensors`` file) into a bitsandbytes-format 4-bit model directory ``dst``.
 
-    Which tensors are quantized: 2-D float weights other than embeddings, norms and
-    ``lm_head``, minus ``skip`` patterns; with ``transformers_rule=True``, exactly the
-    linear layers transformers' bitsandbytes integration would convert (builds the model
-    class on the meta device; slower to start, for unusual architectures).
+    Which tensors are quantized: exactly those transformers + bitsandbytes would load into the
+    4-bit layers they convert, minus ``skip`` patterns (the model class of ``config.json`` is
+    built on the meta device and asked; see :mod:`qlorakit.selection`). ``rule="names"``
+    selects 2-D weights by name instead (also the only choice for a bare ``.safetensors`` file).
 
     ``scale_search``: error-optimal block scales instead of absmax (same format; lower
     error; not byte-equal to bitsandbytes' own quantization). ``importance``: with it, a
@@ -176,9 +182,11 @@ def quantize_checkpoint(
     if destination.exists() and not force:
         raise FileExistsError(f"{destination} exists; replace it with --force (force=True in Python)")
     source_dir = source if source.is_dir() else None
+    start = time.perf_counter()
     listing = _core.list_tensors(str(source))
     tensors = [(name, dtype, shape) for name, dtype, shape, _ in listing]
-    selection = select_tensors(source_dir, tensors, skip, transformers_rule)
+    selection = select_tensors(source_dir, tensors, skip, rule)
+    planning_seconds = time.perf_counter() - start
     options = {
         "quant_type": quant_type,
         "blocksize": blocksize,
@@ -187,6 +195,7 @@ def quantize_checkpoint(
         "skip_modules": selection.skip_modules,
         "scale_search": scale_search,
         "importance": importance is not None,
+        "transposed": selection.transposed,
     }
     metadata = {
         "format": "pt",
@@ -198,7 +207,6 @@ def quantize_checkpoint(
     destination.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(destination)
     staging = destination.parent / f"{_staging_prefix(destination)}{os.getpid()}"
-    start = time.perf_counter()
     try:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
@@ -215,7 +223,9 @@ def quantize_checkpoint(
             callback,
             scale_search,
             str(importance) if importance is not None else None,
+            selection.transposed,
         )
+        _check_written_shapes(staging, selection)
         quant_config = quantization_config(quant_type, double_quant, options["compute_dtype"], selection.skip_modules)
         write_config(source_dir, staging, quant_config)
         copy_other_files(source_dir, staging)
@@ -228,7 +238,29 @@ def quantize_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return _report(source, destination, raw, selection, time.perf_counter() - start)
+    report = _report(source, destination, raw, selection, time.perf_counter() - start)
+    report.planning_seconds = planning_seconds
+    return report
+
+
+def _check_written_shapes(directory: Path, selection: Selection) -> None:
+    """Every quantized tensor's recorded shape must be that of the 4-bit layer its loader builds:
+    a mismatch would load silently wrong (or not at all), so it fails the run instead."""
+    states = {
+        name.split(QUANT_STATE_MARKER)[0]: (file, name)
+        for file in sorted(directory.glob("*.safetensors"))
+        for name, *_ in _core.read_header(str(file))[1]
+        if QUANT_STATE_MARKER in name
+    }
+    written = dict(zip(states, _read_quant_states(states.values()), strict=True))
+    for name, expected in selection.expected_shapes.items():
+        state = written.get(name)
+        shape = tuple(state["shape"]) if state is not None else None
+        if shape != tuple(expected):
+            raise CheckpointError(
+                f"{directory}: tensor '{name}' was written with shape {list(shape or [])} but the 4-bit layer "
+                f"its loader builds is {list(expected)} [out, in]"
+            )
 
 
 def _report(source: Path, destination: Path, raw: dict, selection: Selection, seconds: float) -> QuantizeReport:
@@ -251,6 +283,7 @@ def _report(source: Path, destination: Path, raw: dict, selection: Selection, se
         shards=[(name, size) for name, size in raw["shards"]],
         per_tensor_error={t[0]: math.sqrt(t[5] / t[6]) if t[6] else 0.0 for t in quantized},
         search=_search_report(raw["search"]) if raw["search"] else None,
+        kept=kept_summary(selection, {t[0]: t[2] for t in kept}),
     )
 
 
@@ -418,6 +451,7 @@ def verify_checkpoint(path: str | os.PathLike, against: str | os.PathLike | None
     source_tensors = _source_index(Path(against)) if against is not None else {}
     for file in files:
         metadata, _ = _core.read_header(str(file))
+        transposed = set(json.loads(metadata.get(f"{METADATA_PREFIX}options", "{}")).get("transposed", []))
         recorded = json.loads(metadata.get(_core.CHECKSUMS_KEY, "{}"))
         if not recorded:
             problems.append(f"{file}: no qlorakit checksums in the header (not written by qlorakit?)")
@@ -445,6 +479,8 @@ def verify_checkpoint(path: str | os.PathLike, against: str | os.PathLike | None
                 problems.append(f"{file}: tensor '{prefix}': decodes to non-finite values")
             if prefix in source_tensors:
                 reference = _load_source_tensor(source_tensors[prefix], prefix).float()
+                if prefix in transposed:  # a Conv1D weight, quantized as its [out, in] transpose
+                    reference = reference.T
                 errors[prefix] = float((weight - reference).norm() / reference.norm().clamp_min(1e-30))
             elif against is not None:
                 problems.append(f"{file}: tensor '{prefix}': not found in {against}")

@@ -68,7 +68,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         double_quant=args.double_quant,
         compute_dtype=args.compute_dtype,
         skip=args.skip,
-        transformers_rule=args.transformers_rule,
+        rule="names" if args.name_rule else "transformers",
         scale_search=args.scale_search,
         importance=args.importance,
         threads=args.threads,
@@ -173,10 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip", nargs="+", default=[], metavar="PATTERN", help="module names/regexes to keep unquantized"
     )
     quantize.add_argument(
-        "--transformers-rule",
+        "--name-rule",
         action="store_true",
-        help="quantize exactly the linear layers transformers would (builds the model class; slower start)",
+        help="select 2-D weights by name instead of asking transformers which layers bitsandbytes converts "
+        "(for a model class transformers cannot build; transformers may not load the output)",
     )
+    # The transformers rule is the default now; the old opt-in flag is accepted and does nothing.
+    quantize.add_argument("--transformers-rule", action="store_true", help=argparse.SUPPRESS)
     quantize.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
     quantize.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
     quantize.add_argument("--force", action="store_true", help="replace DST if it exists")

@@ -312,7 +312,7 @@ class LoraLinear(nn.Module):
         result_dtype = result.dtype
         lora_x = x if x.dtype == self.lora_A.weight.dtype else x.to(self.lora_A.weight.dtype)
         update = self.lora_B(self.lora_A(self.lora_dropout(lora_x))) * self.scaling
-        if type(self.base_layer) is not nn.Linear:
+        if not isinstance(self.base_layer, nn.Linear):
             # PEFT's 4-bit layers round the update to the output dtype before adding it;
             # doing the same keeps outputs bit-identical to PEFT on a quantized base.
             update = update.to(result_dtype)

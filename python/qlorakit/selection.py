@@ -1,40 +1,63 @@
-"""Which tensors of a checkpoint get quantized.
+"""Which tensors of a checkpoint get quantized, and how.
 
-Default, the name rule: 2-D float ``*.weight`` tensors that are not embeddings, norms or
-``lm_head``, minus ``--skip`` patterns. It needs neither torch nor transformers, so the
-tool starts in a fraction of a second, and on the usual decoder and encoder models it
-picks exactly the linear layers transformers would (tested on Llama and BERT).
+Default, for a model directory: transformers' own rule (:mod:`qlorakit.hf_rules`). The model
+class named in ``config.json`` is built on the meta device; a checkpoint tensor is quantized
+exactly when transformers + bitsandbytes would load it into a module they convert to 4-bit:
+its key maps (through transformers' renames, not through a fusion) to the ``weight`` of an
+``nn.Linear`` or ``Conv1D`` outside transformers' not-to-convert list and the ``--skip``
+patterns. ``Conv1D`` weights (stored ``[in, out]``) are quantized transposed, as transformers
+does. Every quantized tensor's shape is checked against the module it will load into.
 
-The transformers rule (opt-in) is transformers' own: every ``nn.Linear`` (or GPT-2
-``Conv1D``) module of the model class named in ``config.json``, except those transformers
-keeps in full precision by default (tied weights, output embeddings such as ``lm_head``,
-the last module, the class's fp32 modules) and ``--skip`` matches. It builds the model on
-the meta device, which costs a few seconds of imports.
+The output's ``llm_int8_skip_modules`` is the full not-to-convert list (transformers'
+defaults, ``--skip``, and any linear layer left unquantized), because a list written there
+replaces transformers' defaults when it loads the file.
 
-Either way the output's ``llm_int8_skip_modules`` lists every module left unquantized,
-so a bitsandbytes loader converts exactly the modules that were quantized.
+The name rule (2-D float ``*.weight`` tensors other than embeddings, norms and ``lm_head``) is
+used only where there is no model to ask: a bare ``.safetensors`` file or a directory without
+``config.json``, or on request (``rule="names"``, for a class transformers cannot build).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qlorakit.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FLOAT_DTYPES = ("F32", "BF16", "F16")
-#: Name fragments of 2-D weights the name-based rule never quantizes.
-DEFAULT_SKIP_FRAGMENTS = ("embed", "wte", "wpe", "lm_head", "norm", "ln_", "layernorm")
+#: Name fragments of 2-D weights the name rule never quantizes.
+NAME_RULE_SKIP_FRAGMENTS = ("embed", "wte", "wpe", "lm_head", "norm", "ln_", "layernorm", "shared")
+RULES = ("transformers", "names")
+
+#: Why a tensor stays in its stored precision, as the summary words it.
+KEPT_NOT_LINEAR = "not the weight of a linear layer (embeddings, norms, biases, routers, ...)"
+KEPT_BY_TRANSFORMERS = "kept in full precision by transformers (tied or output embeddings, _keep_in_fp32_modules)"
+KEPT_SKIPPED = "matched by --skip"
+KEPT_LINEAR_SUBCLASS = (
+    "a linear layer of a class bitsandbytes does not convert (only nn.Linear and Conv1D; e.g. Falcon's FalconLinear)"
+)
+KEPT_FUSED = "fused by transformers on load (MoE experts into 3-D parameters), which bitsandbytes does not quantize"
 
 
 @dataclass
 class Selection:
-    """Tensors to quantize, modules a loader must leave unconverted, and how this was decided."""
+    """Tensors to quantize, modules a loader must leave unconverted, and why the rest stays."""
 
     quantize: list[str]
     skip_modules: list[str]
     method: str
+    #: Quantized tensors stored ``[in, out]`` (``Conv1D``): quantized as their transpose.
+    transposed: list[str] = field(default_factory=list)
+    #: ``[out, in]`` of the 4-bit layer each quantized tensor loads into.
+    expected_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: Tensors left as stored, by reason (``KEPT_*``).
+    kept: dict[str, list[str]] = field(default_factory=dict)
 
 
 def matches_module(name: str, pattern: str) -> bool:
@@ -51,83 +74,114 @@ def select_tensors(
     source_dir: Path | None,
     tensors: Sequence[tuple[str, str, list[int]]],
     skip: Sequence[str],
-    transformers_rule: bool = False,
+    rule: str = "transformers",
 ) -> Selection:
     """``tensors``: (name, safetensors dtype, shape) of every tensor in the checkpoint.
-    The transformers rule falls back to the name rule (and says so in ``method``) when the
-    model class cannot be built."""
+
+    Raises :class:`~qlorakit.errors.CheckpointError` when transformers cannot build the model
+    class, or when a tensor's shape does not fit the module it would load into."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     by_name = {name: (dtype, shape) for name, dtype, shape in tensors}
-    if transformers_rule and source_dir is not None:
-        selection = _select_with_transformers(source_dir, by_name, skip)
-        if selection is not None:
-            return selection
-        fallback = _select_by_name(by_name, skip)
-        fallback.method += "; the transformers rule was asked for but the model class could not be built"
-        return fallback
-    return _select_by_name(by_name, skip)
+    if rule == "names":
+        return _select_by_name(by_name, skip, "name rule (asked for)")
+    if source_dir is None or not (source_dir / "config.json").is_file():
+        return _select_by_name(by_name, skip, "name rule: no config.json to build the model from")
+    return _select_with_transformers(source_dir, by_name, skip)
 
 
 def _quantizable(entry: tuple[str, list[int]] | None) -> bool:
     return entry is not None and entry[0] in FLOAT_DTYPES and len(entry[1]) == 2 and 0 not in entry[1]
 
 
-def _select_by_name(by_name: dict[str, tuple[str, list[int]]], skip: Sequence[str]) -> Selection:
-    quantize, skipped = [], []
+def _select_by_name(by_name: dict[str, tuple[str, list[int]]], skip: Sequence[str], method: str) -> Selection:
+    selection = Selection([], [], f"{method}; 2-D weights except embeddings, norms, lm_head")
+    skipped = set()
     for name, entry in by_name.items():
-        if not name.endswith(".weight") or not _quantizable(entry):
-            continue
         module = name.removesuffix(".weight")
-        lowered = module.lower()
-        if any(f in lowered for f in DEFAULT_SKIP_FRAGMENTS) or any(matches_module(module, p) for p in skip):
-            skipped.append(module)
+        if not name.endswith(".weight") or not _quantizable(entry):
+            selection.kept.setdefault(KEPT_NOT_LINEAR, []).append(name)
+        elif any(f in module.lower() for f in NAME_RULE_SKIP_FRAGMENTS):
+            skipped.add(module)
+            selection.kept.setdefault(KEPT_NOT_LINEAR, []).append(name)
+        elif any(matches_module(module, p) for p in skip):
+            skipped.add(module)
+            selection.kept.setdefault(KEPT_SKIPPED, []).append(name)
         else:
-            quantize.append(name)
-    return Selection(quantize, sorted(skipped), "name rule: 2-D weights except embeddings, norms, lm_head")
+            selection.quantize.append(name)
+            selection.expected_shapes[name] = tuple(entry[1])  # type: ignore[assignment]
+    selection.skip_modules = sorted(skipped)
+    return selection
 
 
 def _select_with_transformers(
     source_dir: Path, by_name: dict[str, tuple[str, list[int]]], skip: Sequence[str]
-) -> Selection | None:
-    config_path = source_dir / "config.json"
-    if not config_path.is_file():
-        return None
+) -> Selection:
+    from qlorakit import hf_rules
+
     try:
-        import torch
-        import transformers
-        from transformers.pytorch_utils import Conv1D
-        from transformers.quantizers.base import get_keys_to_not_convert
-    except ImportError:
-        return None
-    architectures = json.loads(config_path.read_text()).get("architectures") or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    if model_class is None:
-        return None
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(source_dir))
-        with torch.device("meta"):
-            model = model_class(config)
-    except Exception:  # an unbuildable config falls back to the name-based rule
-        return None
-    not_converted = list(get_keys_to_not_convert(model)) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    patterns = not_converted + list(skip)
-    prefix = getattr(model, "base_model_prefix", "")
-    quantize, skipped = [], set(not_converted) | set(skip)
-    for module_name, module in model.named_modules():
-        if not (type(module) is torch.nn.Linear or isinstance(module, Conv1D)):
+        model = hf_rules.build_on_meta(source_dir)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a config transformers cannot build: say so, do not guess
+        raise CheckpointError(
+            f"{source_dir / 'config.json'}: transformers cannot build {hf_rules.architecture_name(source_dir)} "
+            f"({type(exc).__name__}: {exc}); pass --name-rule to select tensors by name instead "
+            "(transformers may then not load the output)"
+        ) from None
+    defaults = hf_rules.modules_to_not_convert(model, None, add_default_skips=True)
+    not_convert = sorted(set(defaults) | set(skip))
+    converted = hf_rules.converted_modules(model, not_convert)
+    mapping = hf_rules.KeyMapping.of(model)
+    selection = Selection([], [], f"transformers {type(model).__name__}: the layers bitsandbytes converts")
+    reached: set[str] = set()
+    for name, entry in by_name.items():
+        target, fused = mapping.target(name)
+        module_name = target.removesuffix(".weight") if target.endswith(".weight") else None
+        module = converted.get(module_name) if module_name is not None and not fused else None
+        if module is None:
+            reason = _kept_reason(target, fused, model, defaults, skip)
+            selection.kept.setdefault(reason, []).append(name)
             continue
-        if any(matches_module(module_name, p) for p in patterns):
-            continue
-        key = _checkpoint_key(f"{module_name}.weight", by_name, prefix)
-        if key is not None and _quantizable(by_name[key]):
-            quantize.append(key)
-        else:
-            skipped.add(module_name)  # not in the file as a float matrix: keep and tell the loader
-    return Selection(quantize, sorted(skipped), f"transformers {architectures[0]} linear layers")
+        if not _quantizable(entry) or tuple(entry[1]) != tuple(module.weight.shape):
+            raise CheckpointError(
+                f"{source_dir}: tensor '{name}' ({entry[0]} {list(entry[1])}) cannot be the weight of "
+                f"{type(module).__name__} '{module_name}', which expects a float {list(module.weight.shape)}"
+            )
+        reached.add(module_name)
+        selection.quantize.append(name)
+        selection.expected_shapes[name] = hf_rules.linear_shape(module)
+        if hf_rules.is_conv1d(module):
+            selection.transposed.append(name)
+    # A layer transformers would convert but that no tensor fills as-is (absent, or built by a
+    # converter) must stay unconverted, or a loader would look for 4-bit data it cannot find.
+    selection.skip_modules = sorted(set(not_convert) | (set(converted) - reached))
+    return selection
 
 
-def _checkpoint_key(key: str, by_name: dict, prefix: str) -> str | None:
-    """The checkpoint's name for a model parameter (with or without the base-model prefix)."""
-    candidates = [key]
-    if prefix:
-        candidates += [f"{prefix}.{key}", key.removeprefix(f"{prefix}.")]
-    return next((c for c in candidates if c in by_name), None)
+def _kept_reason(target: str, fused: bool, model: nn.Module, defaults: Sequence[str], skip: Sequence[str]) -> str:
+    from torch import nn
+
+    if fused:
+        return KEPT_FUSED
+    if not target.endswith(".weight"):
+        return KEPT_NOT_LINEAR
+    module_name = target.removesuffix(".weight")
+    if any(matches_module(module_name, p) for p in skip):
+        return KEPT_SKIPPED
+    if any(matches_module(module_name, p) for p in defaults):
+        return KEPT_BY_TRANSFORMERS
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return KEPT_NOT_LINEAR
+    return KEPT_LINEAR_SUBCLASS if isinstance(module, nn.Linear) else KEPT_NOT_LINEAR
+
+
+def kept_summary(selection: Selection, params: dict[str, int]) -> list[str]:
+    """One line per reason a tensor stayed in its stored precision: how many tensors and parameters."""
+    lines = []
+    for reason, names in selection.kept.items():
+        count = sum(params.get(name, 0) for name in names)
+        lines.append(f"kept {len(names)} tensors ({count / 1e6:.2f} M params) as stored: {reason}")
+    return lines

@@ -22,23 +22,44 @@ def prepare_for_kbit_training(
 ) -> nn.Module:
     """Like PEFT's ``prepare_model_for_kbit_training``, without its memory spike.
 
-    Freezes every parameter; casts the small 1-D float parameters (norm weights, biases)
-    to float32 for stable training; leaves the embeddings and ``lm_head`` in their stored
-    dtype unless ``upcast_embeddings`` (PEFT upcasts every non-quantized parameter, which
-    for a 7B model adds gigabytes: 32000 x 4096 x 4 bytes per embedding matrix). With
+    Freezes every parameter. With ``upcast_norms``, casts to float32 the small parameters that
+    decide numerical stability: every 1-D float parameter (norm weights, biases) and the
+    position tables (every ``nn.Embedding`` other than the input and output embeddings, such as
+    T5's relative attention bias). The large 16-bit matrices stay as stored: the input and
+    output embeddings (unless ``upcast_embeddings``; PEFT upcasts every non-quantized parameter,
+    which for a 7B model adds gigabytes: 32000 x 4096 x 4 bytes per embedding matrix) and any
+    weight bitsandbytes does not quantize (MoE experts and routers, Falcon's linears, T5's
+    ``wo``); those modules get their float inputs cast to their weight's dtype and their output
+    cast back, so float32 activations meet them without a dtype error. With
     ``gradient_checkpointing``, turns it on (non-reentrant) and makes the input embeddings
     require grad so checkpointed blocks still produce gradients for the adapters.
     Call before :func:`qlorakit.add_lora`. Returns ``model``.
     """
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    embeddings = {id(m) for m in (output_embeddings, _input_embeddings(model)) if m is not None}
+    input_embeddings = _input_embeddings(model)
+    embeddings = {id(m) for m in (output_embeddings, input_embeddings) if m is not None}
+    embedding_weights = {id(getattr(m, "weight", None)) for m in (output_embeddings, input_embeddings) if m is not None}
     for module in model.modules():
-        is_embedding = id(module) in embeddings or isinstance(module, nn.Embedding)
+        if isinstance(module, Linear4bit):
+            module.requires_grad_(False)
+            continue
+        is_embedding = id(module) in embeddings
+        kept_16bit = False
         for name, parameter in module.named_parameters(recurse=False):
             parameter.requires_grad_(False)
-            should_upcast = upcast_embeddings if is_embedding else (upcast_norms and parameter.dim() == 1)
-            if should_upcast and parameter.is_floating_point() and parameter.dtype != torch.float32:
+            if not parameter.is_floating_point() or parameter.dtype == torch.float32:
+                continue
+            if is_embedding or id(parameter) in embedding_weights:
+                should_upcast = upcast_embeddings
+            else:
+                should_upcast = upcast_norms and (parameter.dim() == 1 or isinstance(module, nn.Embedding))
+            if should_upcast:
                 setattr(module, name, nn.Parameter(parameter.data.float(), requires_grad=False))
+            elif parameter.dim() > 1 and not is_embedding:
+                kept_16bit = True
+        if kept_16bit and upcast_norms:
+            module.register_forward_pre_hook(_cast_inputs_to_weight_dtype, with_kwargs=True)
+            module.register_forward_hook(_cast_output_to_input_dtype, with_kwargs=True)
     if output_embeddings is not None and not upcast_embeddings:
         # An upcast final norm hands float32 activations to a 16-bit lm_head: cast them to its dtype.
         output_embeddings.register_forward_pre_hook(_cast_input_to_weight_dtype)
@@ -54,6 +75,34 @@ def _cast_input_to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
     if weight is None or not args or not torch.is_tensor(args[0]):
         return args
     return (args[0].to(weight.dtype), *args[1:])
+
+
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in module.parameters(recurse=False) if p.is_floating_point() and p.dim() > 1)
+
+
+def _cast_inputs_to_weight_dtype(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Casts the floating tensors a module with 16-bit weights gets to their dtype, remembering
+    the first one's dtype so the output can be cast back."""
+    dtype = _weight_dtype(module)
+    floats = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t) and t.is_floating_point()]
+    module._qlorakit_input_dtype = floats[0].dtype if floats else None
+
+    def cast(value: object) -> object:
+        return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def _cast_output_to_input_dtype(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+    dtype = getattr(module, "_qlorakit_input_dtype", None)
+    if dtype is None:
+        return output
+    if torch.is_tensor(output) and output.is_floating_point():
+        return output.to(dtype)
+    if isinstance(output, tuple):
+        return tuple(o.to(dtype) if torch.is_tensor(o) and o.is_floating_point() else o for o in output)
+    return output
 
 
 def _input_embeddings(model: nn.Module) -> nn.Module | None:
@@ -86,6 +135,10 @@ def save_merged(model: nn.Module, directory: str | os.PathLike, requantize: bool
     destination = Path(directory)
     merge_lora(model)
     dequantize_model(model)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # no longer a 4-bit model: transformers saves it as a plain one
+        quantizer.remove_quantization_config(model)
+        model.is_loaded_in_4bit = False
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     if not requantize:

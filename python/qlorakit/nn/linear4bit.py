@@ -84,6 +84,12 @@ class Linear4bit(nn.Module):
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         return cls(packed, bias, compute_dtype)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The packed 4-bit codes (uint8), as bitsandbytes' ``Linear4bit.weight`` holds them: code that
+        walks a model's ``.weight`` tensors (transformers' weight initialization) finds them here."""
+        return self.packed
+
     def packed_weight(self) -> PackedWeight:
         """The weight as a ``PackedWeight`` sharing this layer's buffers."""
         return PackedWeight(

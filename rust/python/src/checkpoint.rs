@@ -10,7 +10,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use qlorakit_core::checkpoint::quant_state::QuantState;
 use qlorakit_core::checkpoint::safetensors::SafetensorsFile;
-use qlorakit_core::checkpoint::{self, CheckpointError as CoreError, Options, Source};
+use qlorakit_core::checkpoint::{
+    self, CheckpointError as CoreError, Options, Orientation, Selection, Source,
+};
 use qlorakit_core::Blocksize;
 
 use crate::{parse_quant_type, to_py_err, CheckpointError};
@@ -118,7 +120,7 @@ pub fn quant_state_json(
 /// `progress(tensors_done, tensors_total, bytes_done, bytes_total, name)` is called after
 /// each tensor. Returns the report as a dict.
 #[pyfunction]
-#[pyo3(signature = (source, out_dir, selected, quant_type, blocksize, double_quant, max_shard_bytes, metadata, threads=None, progress=None, scale_search=false, importance=None))]
+#[pyo3(signature = (source, out_dir, selected, quant_type, blocksize, double_quant, max_shard_bytes, metadata, threads=None, progress=None, scale_search=false, importance=None, transposed=Vec::new()))]
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_checkpoint<'py>(
     py: Python<'py>,
@@ -134,6 +136,7 @@ pub fn quantize_checkpoint<'py>(
     progress: Option<Py<PyAny>>,
     scale_search: bool,
     importance: Option<PathBuf>,
+    transposed: Vec<String>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let options = Options {
         quant_type: parse_quant_type(quant_type)?,
@@ -144,7 +147,23 @@ pub fn quantize_checkpoint<'py>(
         scale_search,
         importance,
     };
-    let selected: HashSet<String> = selected.into_iter().collect();
+    let transposed: HashSet<String> = transposed.into_iter().collect();
+    if let Some(name) = transposed.iter().find(|name| !selected.contains(name)) {
+        return Err(CheckpointError::new_err(format!(
+            "tensor '{name}' is marked transposed but not selected for quantization"
+        )));
+    }
+    let selected: Selection = selected
+        .into_iter()
+        .map(|name| {
+            let orientation = if transposed.contains(&name) {
+                Orientation::Transposed
+            } else {
+                Orientation::AsStored
+            };
+            (name, orientation)
+        })
+        .collect();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.unwrap_or(0))
         .build()

@@ -10,7 +10,7 @@ pub mod writer;
 
 pub use error::CheckpointError;
 pub use pipeline::{
-    quantize_checkpoint, Options, Progress, Report, SearchSummary, TensorReport,
-    ERROR_SAMPLE_STRIDE,
+    quantize_checkpoint, Options, Orientation, Progress, Report, SearchSummary, Selection,
+    TensorReport, ERROR_SAMPLE_STRIDE,
 };
 pub use source::Source;

@@ -3,7 +3,7 @@
 //! serialization, every other tensor is copied unchanged, and output shards are written
 //! as the work proceeds. Memory holds the current tensor's outputs, not the model.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -40,6 +40,20 @@ pub struct Options {
     /// (see [`super::importance`]).
     pub importance: Option<PathBuf>,
 }
+
+/// How a selected tensor is laid out in the source, relative to the `[out, in]` weight
+/// of the linear layer a loader builds for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Orientation {
+    /// Stored `[out, in]` (`nn.Linear`): quantized as stored.
+    AsStored,
+    /// Stored `[in, out]` (GPT-2's `Conv1D`): quantized as its transpose, the layout
+    /// transformers gives the 4-bit layer it converts a `Conv1D` into.
+    Transposed,
+}
+
+/// The tensors to quantize, by name, with their orientation.
+pub type Selection = HashMap<String, Orientation>;
 
 /// Default sampling of the reconstruction error: every 32nd block (about 3% of the work of
 /// quantizing, against an exact figure that would cost as much again).
@@ -100,15 +114,26 @@ struct Planned<'a> {
     file: &'a SafetensorsFile,
     info: &'a TensorInfo,
     quantize: bool,
+    orientation: Orientation,
     outputs: Vec<EntrySpec>,
     out_bytes: u64,
+}
+
+impl Planned<'_> {
+    /// The shape the tensor is quantized in (and that its quant_state records).
+    fn quantized_shape(&self) -> Vec<usize> {
+        match self.orientation {
+            Orientation::AsStored => self.info.shape.clone(),
+            Orientation::Transposed => self.info.shape.iter().rev().copied().collect(),
+        }
+    }
 }
 
 /// Runs the whole pipeline into `out_dir` (which must exist and be empty). `progress` is
 /// called after each tensor; returning `false` stops the run with [`CheckpointError::Cancelled`].
 pub fn quantize_checkpoint(
     source: &Source,
-    selected: &HashSet<String>,
+    selected: &Selection,
     out_dir: &Path,
     options: &Options,
     metadata: &BTreeMap<String, String>,
@@ -201,13 +226,14 @@ fn quant_state_name(weight: &str, quant_type: QuantType) -> String {
 
 fn plan_tensors<'a>(
     source: &'a Source,
-    selected: &HashSet<String>,
+    selected: &Selection,
     options: &Options,
 ) -> Result<Vec<Planned<'a>>> {
     let mut found: HashSet<&str> = HashSet::new();
     let mut plan = Vec::new();
     for (file, info) in source.tensors() {
-        let quantize = selected.contains(&info.name);
+        let orientation = selected.get(&info.name).copied();
+        let quantize = orientation.is_some();
         if quantize {
             found.insert(&info.name);
             let bad = |reason: String| CheckpointError::BadSelection {
@@ -246,11 +272,12 @@ fn plan_tensors<'a>(
             file,
             info,
             quantize,
+            orientation: orientation.unwrap_or(Orientation::AsStored),
             outputs,
             out_bytes,
         });
     }
-    if let Some(missing) = selected.iter().find(|name| !found.contains(name.as_str())) {
+    if let Some(missing) = selected.keys().find(|name| !found.contains(name.as_str())) {
         return Err(CheckpointError::BadSelection {
             tensor: missing.clone(),
             reason: "no such tensor exists in the checkpoint".into(),
@@ -349,8 +376,9 @@ impl Workspace {
     ) -> Result<TensorReport> {
         let info = planned.info;
         let raw = planned.file.bytes(info);
+        let in_features = planned.quantized_shape()[1];
         let weights = match importance {
-            Some(file) => file.vector(&info.name, info.shape[1])?,
+            Some(file) => file.vector(&info.name, in_features)?,
             None => None,
         };
         let weights = weights.as_deref();
@@ -388,6 +416,15 @@ impl Workspace {
         writer: &mut ShardWriter,
     ) -> Result<TensorReport> {
         let info = planned.info;
+        let shape = planned.quantized_shape();
+        let transposed;
+        let values = match planned.orientation {
+            Orientation::AsStored => values,
+            Orientation::Transposed => {
+                transposed = transpose(values, info.shape[0], info.shape[1]);
+                &transposed[..]
+            }
+        };
         let numel = info.numel();
         let blocks = options.blocksize.blocks(numel);
         self.packed.resize(packed_len(numel), 0);
@@ -439,7 +476,7 @@ impl Workspace {
             quant_type: options.quant_type,
             blocksize: options.blocksize,
             dtype: info.dtype.torch_name().unwrap_or("float32"),
-            shape: &info.shape,
+            shape: &shape,
             nested_offset,
             nested_dtype: "float32",
         };
@@ -547,6 +584,28 @@ fn sampled_error<T: Element>(
             (f64::from(error), f64::from(norm))
         })
         .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+/// The `[cols, rows]` transpose of the row-major `[rows, cols]` matrix `values`, copied in
+/// tiles (so both sides stay in cache) with the output rows split over the threads.
+fn transpose<T: Element>(values: &[T], rows: usize, cols: usize) -> Vec<T> {
+    const TILE: usize = 32;
+    let mut out = vec![values[0]; values.len()];
+    out.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(band, chunk)| {
+            let first_col = band * TILE;
+            let band_cols = chunk.len() / rows;
+            for row_start in (0..rows).step_by(TILE) {
+                for c in 0..band_cols {
+                    let source_col = first_col + c;
+                    for r in row_start..(row_start + TILE).min(rows) {
+                        chunk[c * rows + r] = values[r * cols + source_col];
+                    }
+                }
+            }
+        });
+    out
 }
 
 /// `raw` as `&[T]`: borrowed when aligned, else copied into `scratch`.
