@@ -25,7 +25,7 @@ from qlorakit._core import CheckpointError
 from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, QUANT_STATE_MARKER, QUANT_TYPES
 from qlorakit.hf_files import COMPUTE_DTYPES, copy_other_files, quantization_config, write_config
 from qlorakit.progress import ProgressBar, human_bytes
-from qlorakit.selection import Selection, kept_summary, select_tensors
+from qlorakit.selection import Plan, Selection, kept_summary, same_work
 
 #: Version of qlorakit's own metadata in the safetensors headers.
 FORMAT_VERSION = "1"
@@ -85,7 +85,8 @@ class QuantizeReport:
     search: ScaleSearchReport | None = None
     #: One line per reason tensors stayed in their stored precision.
     kept: list[str] = field(default_factory=list)
-    #: Seconds spent deciding what to quantize (building the model on the meta device).
+    #: Seconds spent deciding what to quantize with transformers (imports, the meta model), in a
+    #: thread beside the pipeline.
     planning_seconds: float = 0.0
 
     @property
@@ -109,8 +110,8 @@ class QuantizeReport:
                 f"mean relative reconstruction error {self.mean_relative_error:.4f} "
                 f"(sampled on 1 block in {_core.ERROR_SAMPLE_STRIDE})",
                 *([self.search.summary()] if self.search else []),
-                f"wall time {self.seconds:.2f} s ({self.planning_seconds:.2f} s of it planning), "
-                f"{self.gb_per_s:.2f} GB/s -> {self.destination}",
+                f"wall time {self.seconds:.2f} s ({self.planning_seconds:.2f} s planning with transformers "
+                f"beside it), {self.gb_per_s:.2f} GB/s -> {self.destination}",
             ]
         )
 
@@ -185,32 +186,35 @@ def quantize_checkpoint(
     start = time.perf_counter()
     listing = _core.list_tensors(str(source))
     tensors = [(name, dtype, shape) for name, dtype, shape, _ in listing]
-    selection = select_tensors(source_dir, tensors, skip, rule)
-    planning_seconds = time.perf_counter() - start
+    plan = Plan(source_dir, tensors, skip, rule)
     options = {
         "quant_type": quant_type,
         "blocksize": blocksize,
         "double_quant": double_quant,
         "compute_dtype": COMPUTE_DTYPES[compute_dtype],
-        "skip_modules": selection.skip_modules,
         "scale_search": scale_search,
         "importance": importance is not None,
-        "transposed": selection.transposed,
-    }
-    metadata = {
-        "format": "pt",
-        f"{METADATA_PREFIX}format_version": FORMAT_VERSION,
-        f"{METADATA_PREFIX}version": __version__,
-        f"{METADATA_PREFIX}options": json.dumps(options, sort_keys=True),
     }
     callback = ProgressBar() if progress is True else (progress or None)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(destination)
-    staging = destination.parent / f"{_staging_prefix(destination)}{os.getpid()}"
-    try:
+
+    def run(selection: Selection, staging: Path, speculative: bool) -> dict:
+        """The Rust pipeline on ``selection``; a speculative run stops once the plan says otherwise."""
+
+        def watch(*event: object) -> None:
+            if speculative and plan.ready() and not same_work(plan.final(), selection):
+                raise _PlanChanged
+            if callback is not None:
+                callback(*event)
+
+        metadata = {
+            "format": "pt",
+            f"{METADATA_PREFIX}format_version": FORMAT_VERSION,
+            f"{METADATA_PREFIX}version": __version__,
+            f"{METADATA_PREFIX}options": json.dumps({**options, "transposed": selection.transposed}, sort_keys=True),
+        }
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        raw = _core.quantize_checkpoint(
+        return _core.quantize_checkpoint(
             str(source),
             str(staging),
             selection.quantize,
@@ -220,11 +224,25 @@ def quantize_checkpoint(
             parse_size(max_shard_size),
             metadata,
             threads,
-            callback,
+            watch,
             scale_search,
             str(importance) if importance is not None else None,
             selection.transposed,
         )
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(destination)
+    staging = destination.parent / f"{_staging_prefix(destination)}{os.getpid()}"
+    try:
+        # While transformers is imported to decide the plan, the pipeline runs on the name rule's
+        # guess; it is kept when the plan agrees, and run again on the plan when not.
+        try:
+            raw: dict | None = run(plan.guess, staging, plan.speculative)
+        except _PlanChanged:
+            raw = None
+        selection = plan.final()
+        if raw is None or not same_work(selection, plan.guess):
+            raw = run(selection, staging, False)
         _check_written_shapes(staging, selection)
         quant_config = quantization_config(quant_type, double_quant, options["compute_dtype"], selection.skip_modules)
         write_config(source_dir, staging, quant_config)
@@ -239,8 +257,12 @@ def quantize_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     report = _report(source, destination, raw, selection, time.perf_counter() - start)
-    report.planning_seconds = planning_seconds
+    report.planning_seconds = plan.seconds
     return report
+
+
+class _PlanChanged(Exception):
+    """Stops a speculative pipeline run whose selection the plan does not confirm."""
 
 
 def _check_written_shapes(directory: Path, selection: Selection) -> None:

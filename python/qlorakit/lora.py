@@ -550,17 +550,17 @@ def load_adapter(
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Folds every adapter into its base layer, in place: each :class:`LoraLinear` is replaced by an ``nn.Linear``
-    with weight ``W + scaling * B @ A`` (computed in float32) and the same bias. A plain ``nn.Linear`` base keeps its
-    dtype and device; a 4-bit ``qlorakit.nn.Linear4bit`` base is dequantized, so the merged layer holds the full
-    precision weight in the dtype the checkpoint was quantized from (requantize it with ``qlorakit.quantize`` if a
-    4-bit result is wanted). Returns ``model``.
+    """Folds every adapter into its base layer, in place: each :class:`LoraLinear` is replaced by its base layer
+    with weight ``W + scaling * B @ A`` (computed in float32) and the same bias. An ``nn.Linear`` base (or subclass)
+    keeps its class, dtype and device; a 4-bit ``qlorakit.nn.Linear4bit`` base is dequantized into the layer it stands
+    for (``nn.Linear``, or GPT-2's ``Conv1D``), holding the full precision weight in the dtype the checkpoint was
+    quantized from (requantize it with ``qlorakit.quantize`` if a 4-bit result is wanted). Returns ``model``.
 
     Other bases raise ``NotImplementedError`` before anything is changed."""
     wrapped = _lora_modules(model)
     for name, module in wrapped:
         base = module.base_layer
-        if type(base) is not nn.Linear and not hasattr(base, "dequantized_weight"):
+        if not isinstance(base, nn.Linear) and not hasattr(base, "to_dense"):
             raise NotImplementedError(
                 f"merge_lora: {name!r} has a {type(base).__name__} base layer; only torch.nn.Linear and "
                 "qlorakit.nn.Linear4bit bases are merged."
@@ -568,13 +568,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, module in wrapped:
         base = module.base_layer
         with torch.no_grad():
-            if type(base) is nn.Linear:
+            if isinstance(base, nn.Linear):
                 weight, dtype = base.weight.float(), base.weight.dtype
             else:  # a 4-bit base: dequantization is exact in float32
                 weight, dtype = base.dequantized_weight(torch.float32), base.weight_dtype
             merged = (weight + module.delta_weight().to(weight.device)).to(dtype)
-        new = nn.Linear(module.in_features, module.out_features, bias=base.bias is not None, device="meta")
-        new.weight = nn.Parameter(merged, requires_grad=False)
-        new.bias = base.bias
+        if isinstance(base, nn.Linear):  # keeps its class (e.g. Falcon's FalconLinear)
+            base.weight = nn.Parameter(merged, requires_grad=False)
+            new = base
+        else:
+            new = base.to_dense(merged)
         _set_submodule(model, name, new)
     return model

@@ -20,6 +20,8 @@ used only where there is no model to ask: a bare ``.safetensors`` file or a dire
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,63 @@ class Selection:
     expected_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: Tensors left as stored, by reason (``KEPT_*``).
     kept: dict[str, list[str]] = field(default_factory=dict)
+
+
+class Plan:
+    """The selection for a checkpoint, decided in a background thread when it takes transformers
+    (importing torch and transformers costs seconds), so the Rust pipeline can meanwhile run on
+    ``guess``, the name rule's selection. :meth:`final` waits for the decision; when it does the
+    same work as the guess (:func:`same_work`, as for Llama-shaped models) the speculative run
+    stands, otherwise the caller runs again with it."""
+
+    def __init__(
+        self, source_dir: Path | None, tensors: Sequence[tuple[str, str, list[int]]], skip: Sequence[str], rule: str
+    ) -> None:
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        self.seconds = 0.0
+        self._final: Selection | None = None
+        self._error: BaseException | None = None
+        if rule == "transformers" and source_dir is not None and (source_dir / "config.json").is_file():
+            self.guess = select_tensors(source_dir, tensors, skip, "names")
+            self._thread = threading.Thread(
+                target=self._decide, args=(source_dir, tensors, skip), name="qlorakit-plan", daemon=True
+            )
+            self._thread.start()
+        else:
+            self.guess = self._final = select_tensors(source_dir, tensors, skip, rule)
+            self._thread = None
+
+    def _decide(self, source_dir: Path, tensors: Sequence[tuple[str, str, list[int]]], skip: Sequence[str]) -> None:
+        start = time.perf_counter()
+        try:
+            self._final = select_tensors(source_dir, tensors, skip, "transformers")
+        except BaseException as exc:  # handed to the caller by final()
+            self._error = exc
+        self.seconds = time.perf_counter() - start
+
+    @property
+    def speculative(self) -> bool:
+        """Whether the decision was still open when planning started (the guess may be wrong)."""
+        return self._thread is not None
+
+    def ready(self) -> bool:
+        """Whether :meth:`final` would return at once."""
+        return self._thread is None or not self._thread.is_alive()
+
+    def final(self) -> Selection:
+        """The selection (waiting for it); raises what deciding it raised."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._final is not None
+        return self._final
+
+
+def same_work(a: Selection, b: Selection) -> bool:
+    """Whether two selections make the pipeline write the same tensors."""
+    return set(a.quantize) == set(b.quantize) and set(a.transposed) == set(b.transposed)
 
 
 def matches_module(name: str, pattern: str) -> bool:

@@ -110,16 +110,12 @@ def _input_embeddings(model: nn.Module) -> nn.Module | None:
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replaces every remaining ``Linear4bit`` by an ``nn.Linear`` holding its dequantized
-    weight in the dtype it was quantized from. Returns ``model``."""
+    """Replaces every remaining ``Linear4bit`` by the full-precision layer it stands for
+    (``nn.Linear``, or GPT-2's ``Conv1D``) holding its dequantized weight in the dtype it was
+    quantized from. Returns ``model``."""
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear4bit):
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-            dense.weight = nn.Parameter(
-                module.dequantized_weight(torch.float32).to(module.weight_dtype), requires_grad=False
-            )
-            dense.bias = module.bias
-            _set_submodule(model, name, dense)
+            _set_submodule(model, name, module.to_dense())
     return model
 
 

@@ -69,6 +69,9 @@ class Linear4bit(nn.Module):
         self.register_buffer("absmax", packed.absmax)
         self.register_buffer("nested_absmax", packed.nested_absmax)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        #: The class of the full-precision layer this one stands for (GPT-2's ``Conv1D`` stores
+        #: its weight ``[in, out]``); :meth:`to_dense` rebuilds it.
+        self.source_cls: type[nn.Module] = nn.Linear
 
     @classmethod
     def from_linear(
@@ -107,6 +110,21 @@ class Linear4bit(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W ``[out_features, in_features]`` in ``dtype`` (default: the compute dtype)."""
         return dequantize_weight(self.packed_weight(), dtype or self.compute_dtype)
+
+    def to_dense(self, weight: torch.Tensor | None = None) -> nn.Module:
+        """The full-precision layer of :attr:`source_cls` with ``weight`` (``[out, in]``; default: this
+        layer's, dequantized to the dtype it was quantized from) and this layer's bias."""
+        if weight is None:
+            weight = self.dequantized_weight(torch.float32).to(self.weight_dtype)
+        with torch.device("meta"):
+            if issubclass(self.source_cls, nn.Linear):
+                dense = self.source_cls(self.in_features, self.out_features, bias=self.bias is not None)
+            else:  # Conv1D(nf=out, nx=in), weight stored [in, out]
+                dense = self.source_cls(self.out_features, self.in_features)
+                weight = weight.T
+        dense.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        dense.bias = self.bias
+        return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None

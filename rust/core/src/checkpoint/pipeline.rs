@@ -647,3 +647,33 @@ fn write_index(
     let text = serde_json::to_string_pretty(&index).unwrap_or_default();
     std::fs::write(&path, text + "\n").map_err(CheckpointError::io(&path))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::transpose;
+
+    #[test]
+    fn transpose_matches_the_definition_on_awkward_shapes() {
+        for (rows, cols) in [
+            (1, 1),
+            (1, 70),
+            (70, 1),
+            (3, 70),
+            (33, 65),
+            (64, 32),
+            (100, 257),
+        ] {
+            let values: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let out = transpose(&values, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        out[c * rows + r],
+                        values[r * cols + c],
+                        "{rows}x{cols} at {r},{c}"
+                    );
+                }
+            }
+        }
+    }
+}
