@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -15,6 +16,8 @@ from types import ModuleType
 # bitsandbytes wraps its torch-backend helpers in torch.compile; the tests call them
 # with many shapes, so run them eagerly instead of recompiling each time.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+# Plans qlorakit quantize caches go to a directory of this run, not the user's ~/.cache (subprocesses inherit it).
+os.environ.setdefault("QLORAKIT_CACHE", tempfile.mkdtemp(prefix="qlorakit-test-plans-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

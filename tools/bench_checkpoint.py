@@ -22,10 +22,11 @@ every row compares with ``cp -r``:
 - ``cp -r SRC tmp``: the bandwidth anchor (writes land in the page cache), and
   ``cp -r`` + ``sync FILES`` for an anchor that also pays the fsync qlorakit's atomic write does;
 - ``qlorakit --version``: interpreter + import start-up, included in every qlorakit row;
-- ``qlorakit quantize SRC DST --force --quiet``, default threads and ``--threads 2`` (both plan
-  with transformers: the meta model and its imports), and ``--name-rule`` (no transformers: the
-  pipeline alone, the per-byte cost; on this Llama-shaped source it writes the same tensors), so the
-  fixed planning cost is the difference;
+- ``qlorakit quantize SRC DST --force --quiet``: with the plan cache off (every run plans with
+  transformers: its imports and the meta model), with a plan cache (the first run fills it, the
+  best of N is a cached run), with ``--threads 2``, and ``--name-rule`` (no transformers: the
+  pipeline alone, the per-byte cost; on this Llama-shaped source it writes the same tensors), so
+  the fixed planning cost is the difference;
 - transformers ``from_pretrained(SRC, quantization_config=BitsAndBytesConfig(nf4, double
   quant, compute bf16), device_map="cpu", dtype=bf16)`` + ``save_pretrained(DST)``.
 
@@ -318,11 +319,19 @@ def bench_qlorakit(command: Sequence[str], src: Path, work: Path, logs: Path, re
         print(f"  SKIPPED qlorakit quantize: {message}", flush=True)
         rows["default"] = Row("qlorakit quantize", failed=message)
         return rows
-    for key, extra in (("default", []), ("threads2", ["--threads", "2"]), ("names", ["--name-rule"])):
+    cache = work / "plan-cache"
+    variants = (
+        ("cold", [], "off", " (plan cache off)"),
+        ("default", [], str(cache), ""),
+        ("threads2", ["--threads", "2"], str(cache), ""),
+        ("names", ["--name-rule"], "off", ""),
+    )
+    for key, extra, cache_setting, note in variants:
         dst = work / f"qlorakit-{key}"
-        label = " ".join(["qlorakit quantize", *extra])
+        label = " ".join(["qlorakit quantize", *extra]) + note
         quantize = [*command, "quantize", str(src), str(dst), "--force", "--quiet", *extra]
-        rows[key] = measure(label, quantize, repeats, logs, clear=dst)
+        env = {**os.environ, "QLORAKIT_CACHE": cache_setting}
+        rows[key] = measure(label, quantize, repeats, logs, clear=dst, env=env)
     return rows
 
 
@@ -405,12 +414,14 @@ def print_targets(cp: Row, qlorakit_rows: Sequence[Row], transformers: Row | Non
     if transformers is not None and transformers.ok:
         print(f"  transformers route / cp -r wall: {transformers.wall / cp.wall:.1f}x")
     by_label = {row.label: row for row in measured}
-    planned, names = by_label.get("qlorakit quantize"), by_label.get("qlorakit quantize --name-rule")
-    if planned is not None and names is not None:
-        print(
-            f"  fixed cost of planning with transformers (default - --name-rule): {planned.wall - names.wall:.2f} s "
-            "(target about 3 s; it runs beside the pipeline)"
-        )
+    names = by_label.get("qlorakit quantize --name-rule")
+    for label, what in (("qlorakit quantize (plan cache off)", "cold"), ("qlorakit quantize", "plan cached")):
+        planned = by_label.get(label)
+        if planned is not None and names is not None:
+            print(
+                f"  fixed cost of planning with transformers, {what} ({label} - --name-rule): "
+                f"{planned.wall - names.wall:.2f} s (target about 3 s; it runs beside the pipeline)"
+            )
 
 
 def print_references(cp: Row, transformers: Row | None) -> None:

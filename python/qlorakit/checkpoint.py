@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -268,13 +268,7 @@ class _PlanChanged(Exception):
 def _check_written_shapes(directory: Path, selection: Selection) -> None:
     """Every quantized tensor's recorded shape must be that of the 4-bit layer its loader builds:
     a mismatch would load silently wrong (or not at all), so it fails the run instead."""
-    states = {
-        name.split(QUANT_STATE_MARKER)[0]: (file, name)
-        for file in sorted(directory.glob("*.safetensors"))
-        for name, *_ in _core.read_header(str(file))[1]
-        if QUANT_STATE_MARKER in name
-    }
-    written = dict(zip(states, _read_quant_states(states.values()), strict=True))
+    written = _quant_states(sorted(directory.glob("*.safetensors")))
     for name, expected in selection.expected_shapes.items():
         state = written.get(name)
         shape = tuple(state["shape"]) if state is not None else None
@@ -391,13 +385,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     files = _safetensors_files(root)
     headers = [(file, *_core.read_header(str(file))) for file in files]
     metadata = headers[0][1]
-    states = {
-        name.split(QUANT_STATE_MARKER)[0]: (file, name)
-        for file, _, entries in headers
-        for name, *_ in entries
-        if QUANT_STATE_MARKER in name
-    }
-    quantized = _read_quant_states(states.values())
+    by_weight = _quant_states(files, headers)
+    states, quantized = set(by_weight), list(by_weight.values())
     dtypes: dict[str, int] = {}
     params = payload = tensors = 0
     for _, _, entries in headers:
@@ -427,17 +416,20 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     }
 
 
-def _read_quant_states(entries: Iterable[tuple[Path, str]]) -> list[dict]:
-    """The quant_state JSON of each (file, tensor name), opening each file once."""
-    from safetensors import safe_open
-
-    names_by_file: dict[Path, list[str]] = {}
-    for file, name in entries:
-        names_by_file.setdefault(file, []).append(name)
-    states = []
-    for file, names in names_by_file.items():
-        with safe_open(str(file), framework="pt") as handle:
-            states += [json.loads(bytes(handle.get_tensor(name).numpy()).decode()) for name in names]
+def _quant_states(files: Sequence[Path], headers: Sequence[tuple] | None = None) -> dict[str, dict]:
+    """The quant_state JSON of every 4-bit weight in ``files``, by weight name, read straight from
+    the bytes (no torch import: this runs in the CLI). ``headers``: ``(file, metadata, entries)`` of
+    ``_core.read_header``, when the caller has them already."""
+    states: dict[str, dict] = {}
+    for file, _, entries in headers or [(f, *_core.read_header(str(f))) for f in files]:
+        wanted = [(name, begin, end) for name, _, _, begin, end in entries if QUANT_STATE_MARKER in name]
+        if not wanted:
+            continue
+        with open(file, "rb") as handle:
+            data_start = 8 + int.from_bytes(handle.read(8), "little")
+            for name, begin, end in wanted:
+                handle.seek(data_start + begin)
+                states[name.split(QUANT_STATE_MARKER)[0]] = json.loads(handle.read(end - begin).decode())
     return states
 
 

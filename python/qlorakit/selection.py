@@ -19,6 +19,10 @@ used only where there is no model to ask: a bare ``.safetensors`` file or a dire
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 import re
 import threading
 import time
@@ -67,7 +71,8 @@ class Plan:
     (importing torch and transformers costs seconds), so the Rust pipeline can meanwhile run on
     ``guess``, the name rule's selection. :meth:`final` waits for the decision; when it does the
     same work as the guess (:func:`same_work`, as for Llama-shaped models) the speculative run
-    stands, otherwise the caller runs again with it."""
+    stands, otherwise the caller runs again with it. A decided plan is cached (see
+    :data:`CACHE_ENV`): the same checkpoint planned again needs no transformers import."""
 
     def __init__(
         self, source_dir: Path | None, tensors: Sequence[tuple[str, str, list[int]]], skip: Sequence[str], rule: str
@@ -77,7 +82,12 @@ class Plan:
         self.seconds = 0.0
         self._final: Selection | None = None
         self._error: BaseException | None = None
-        if rule == "transformers" and source_dir is not None and (source_dir / "config.json").is_file():
+        self.cache_path = _plan_cache_path(source_dir, tensors, skip) if rule == "transformers" else None
+        cached = _read_cached(self.cache_path)
+        if cached is not None:
+            self.guess = self._final = cached
+            self._thread = None
+        elif rule == "transformers" and source_dir is not None and (source_dir / "config.json").is_file():
             self.guess = select_tensors(source_dir, tensors, skip, "names")
             self._thread = threading.Thread(
                 target=self._decide, args=(source_dir, tensors, skip), name="qlorakit-plan", daemon=True
@@ -91,6 +101,7 @@ class Plan:
         start = time.perf_counter()
         try:
             self._final = select_tensors(source_dir, tensors, skip, "transformers")
+            _write_cached(self.cache_path, self._final)
         except BaseException as exc:  # handed to the caller by final()
             self._error = exc
         self.seconds = time.perf_counter() - start
@@ -112,6 +123,57 @@ class Plan:
             raise self._error
         assert self._final is not None
         return self._final
+
+
+#: Where decided plans are kept (``QLORAKIT_CACHE``, else ``$XDG_CACHE_HOME/qlorakit`` or
+#: ``~/.cache/qlorakit``); ``QLORAKIT_CACHE=off`` disables it.
+CACHE_ENV = "QLORAKIT_CACHE"
+
+
+def _plan_cache_path(
+    source_dir: Path | None, tensors: Sequence[tuple[str, str, list[int]]], skip: Sequence[str]
+) -> Path | None:
+    """The cache file of a transformers plan: keyed by everything the plan depends on (the config,
+    every tensor's name, dtype and shape, the skip patterns, the transformers and qlorakit
+    versions), so a hit is the plan transformers would give again, without its imports."""
+    setting = os.environ.get(CACHE_ENV, "")
+    config_path = source_dir / "config.json" if source_dir is not None else None
+    if setting == "off" or config_path is None or not config_path.is_file():
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        versions = [version("transformers"), version("qlorakit")]
+    except PackageNotFoundError:
+        return None
+    key = hashlib.sha256()
+    for part in (config_path.read_bytes(), json.dumps([list(t) for t in tensors]), json.dumps(list(skip)), versions):
+        key.update(part if isinstance(part, bytes) else str(part).encode())
+    root = Path(setting) if setting else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlorakit"
+    return root / "plans" / f"{key.hexdigest()}.json"
+
+
+def _read_cached(path: Path | None) -> Selection | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        fields = json.loads(path.read_text())
+        fields["expected_shapes"] = {k: tuple(v) for k, v in fields["expected_shapes"].items()}
+        return Selection(**fields)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # a damaged entry is decided again
+
+
+def _write_cached(path: Path | None, selection: Selection) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(dataclasses.asdict(selection)))
+        os.replace(partial, path)
+    except OSError:
+        pass  # a read-only or full cache only costs the next run its planning time
 
 
 def same_work(a: Selection, b: Selection) -> bool:
