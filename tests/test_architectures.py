@@ -72,8 +72,23 @@ def both_modes(model: torch.nn.Module, architecture: Architecture) -> dict[str, 
     return out
 
 
-def assert_same_logits(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], what: str) -> None:
+def bnb_has_eval_kernel() -> bool:
+    """bitsandbytes' Linear4bit in eval mode on an AVX512-BF16 CPU repacks its weight for a kernel
+    of its own (other summation order); elsewhere eval runs the same path as train."""
+    import bitsandbytes.functional as F
+
+    return bool(F.has_avx512bf16())
+
+
+def assert_same_logits(
+    ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], what: str, against_bnb: bool = True
+) -> None:
+    """Bit-exact, except for eval mode against bitsandbytes' own eval kernel (where it has one):
+    there within that kernel's rounding."""
     for mode in ours:
+        if mode == "eval" and against_bnb and bnb_has_eval_kernel():
+            assert torch.allclose(ours[mode].float(), theirs[mode].float(), rtol=2e-2, atol=2e-2), what
+            continue
         assert torch.equal(ours[mode], theirs[mode]), (
             f"{what} ({mode} mode): max difference {float((ours[mode].float() - theirs[mode].float()).abs().max())}"
         )
@@ -106,7 +121,10 @@ def test_transformers_loads_our_output_like_its_own_route(case) -> None:
     differing = take_nested_codes(reference, loaded)
     total = sum(layer.weight.quant_state.absmax.numel() for layer in bnb_layers(reference).values())
     assert differing <= max(2, total // 100), f"{differing} of {total} nested codes differ"
-    assert_same_logits(both_modes(loaded, architecture), both_modes(reference, architecture), "DST vs route")
+    # both sides are bitsandbytes' layers: bit-exact in either mode
+    assert_same_logits(
+        both_modes(loaded, architecture), both_modes(reference, architecture), "DST vs route", against_bnb=False
+    )
 
 
 def test_load_packed_matches_transformers_on_our_output(case) -> None:
@@ -146,7 +164,7 @@ def test_lora_training_generation_and_peft_reload(case, tmp_path) -> None:
     else:
         assert architecture.name == "bert-mlm"  # the one case without a generation head
     adapter_dir = tmp_path / "adapter"
-    qlorakit.save_adapter(model, adapter_dir, config)
+    qlorakit.save_adapter(model, adapter_dir)  # the model remembers its LoraConfig
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
     # Our adapter on a freshly loaded base (prepare_for_kbit_training upcasts norms, so the
     # trained model itself is not the comparison) against PEFT on transformers + bitsandbytes.

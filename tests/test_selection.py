@@ -34,6 +34,16 @@ def assert_same_files(a: Path, b: Path) -> None:
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
 
 
+def copy_with_config(source: Path, copy: Path, **changes: object) -> Path:
+    """A copy of the checkpoint directory ``source`` whose config.json has ``changes``."""
+    copy.mkdir()
+    for file in source.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, **changes}))
+    return copy
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sources")
@@ -111,13 +121,7 @@ def test_skip_patterns_add_to_transformers_defaults(sources, tmp_path, no_cache)
 
 
 def test_unknown_model_class_is_an_error_that_names_the_way_out(sources, tmp_path, no_cache) -> None:
-    source = tmp_path / "src"
-    source.mkdir()
-    for file in sources["llama"].iterdir():
-        (source / file.name).write_bytes(file.read_bytes())
-    config = json.loads((source / "config.json").read_text())
-    config["architectures"] = ["NoSuchModelForCausalLM"]
-    (source / "config.json").write_text(json.dumps(config))
+    source = copy_with_config(sources["llama"], tmp_path / "src", architectures=["NoSuchModelForCausalLM"])
     with pytest.raises(CheckpointError, match="does not know the model class"):
         qlorakit.quantize_checkpoint(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -127,13 +131,8 @@ def test_unknown_model_class_is_an_error_that_names_the_way_out(sources, tmp_pat
 
 
 def test_a_tensor_that_does_not_fit_its_module_is_refused(sources, tmp_path, no_cache) -> None:
-    source = tmp_path / "src"
-    source.mkdir()
-    for file in sources["llama"].iterdir():
-        (source / file.name).write_bytes(file.read_bytes())
-    config = json.loads((source / "config.json").read_text())
-    config["intermediate_size"] = 256  # the file's MLP weights are 384 wide
-    (source / "config.json").write_text(json.dumps(config))
+    # the file's MLP weights are 384 wide
+    source = copy_with_config(sources["llama"], tmp_path / "src", intermediate_size=256)
     with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight'.*expects"):
         qlorakit.quantize_checkpoint(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()

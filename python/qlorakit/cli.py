@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import shutil
 import sys
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qlorakit import __version__
-from qlorakit.checkpoint import inspect_checkpoint, quantize_checkpoint, verify_checkpoint
+from qlorakit.checkpoint import inspect_checkpoint, parse_size, quantize_checkpoint, verify_checkpoint
 from qlorakit.errors import QlorakitError
 from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, QUANT_TYPES
 from qlorakit.hf_files import COMPUTE_DTYPES
@@ -134,8 +135,70 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def add_format_options(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the 4-bit format (shared by ``demo`` and ``quantize``)."""
+    parser.add_argument(
+        "--quant-type", choices=QUANT_TYPES, default="nf4", help="4-bit code table: nf4 (default) or fp4 (e2m1)"
+    )
+    parser.add_argument(
+        "--blocksize",
+        type=int,
+        choices=BLOCKSIZES,
+        default=DEFAULT_BLOCKSIZE,
+        metavar="N",
+        help=f"elements per absmax block, one of {', '.join(map(str, BLOCKSIZES))} (default {DEFAULT_BLOCKSIZE})",
+    )
+    parser.add_argument(
+        "--no-double-quant",
+        dest="double_quant",
+        action="store_false",
+        help="store the block scales as float32 instead of double-quantizing them to 8 bits",
+    )
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def shard_size(text: str) -> str:
+    """argparse type: a size ``parse_size`` reads (checked here, so a bad one is a usage error)."""
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports an unknown option with the usage of the subcommand it was given to and, for a
+    near miss, the option meant."""
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):  # noqa: ANN201
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._subcommands().get(getattr(parsed, "command", None) or "", self)
+            options = [o for action in command._actions for o in action.option_strings]
+            hints = [
+                f"{extra}: did you mean {match[0]}?"
+                for extra in extras
+                if (match := difflib.get_close_matches(extra.split("=")[0], options, n=1))
+            ]
+            command.error(f"unrecognized arguments: {' '.join(extras)}" + "".join(f"\n  {h}" for h in hints))
+        return parsed
+
+    def _subcommands(self) -> dict[str, argparse.ArgumentParser]:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qlorakit", description="QLoRA on little hardware.")
+    parser = _Parser(prog="qlorakit", description="QLoRA on little hardware.")
     parser.add_argument("--version", action="version", version=f"qlorakit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
@@ -143,9 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--layers", type=int, default=DEMO_LAYERS, help=f"decoder layers (default {DEMO_LAYERS})")
     demo.add_argument("--workdir", help="keep the source and output here (default: a temporary directory)")
-    demo.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4")
-    demo.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=DEFAULT_BLOCKSIZE)
-    demo.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    add_format_options(demo)
 
     quantize = commands.add_parser(
         "quantize",
@@ -155,9 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("src", help="source model directory or .safetensors file (read only)")
     quantize.add_argument("dst", help="destination directory (must not exist unless --force)")
-    quantize.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4")
-    quantize.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=DEFAULT_BLOCKSIZE)
-    quantize.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    add_format_options(quantize)
     quantize.add_argument(
         "--scale-search",
         action="store_true",
@@ -168,7 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="with --scale-search: per-input-column importance vectors (qlorakit importance) weighting the error",
     )
-    quantize.add_argument("--compute-dtype", choices=tuple(COMPUTE_DTYPES), default="bf16")
+    quantize.add_argument(
+        "--compute-dtype",
+        choices=tuple(COMPUTE_DTYPES),
+        default="bf16",
+        help="dtype the 4-bit layers compute in, recorded as bnb_4bit_compute_dtype (default bf16)",
+    )
     quantize.add_argument(
         "--skip", nargs="+", default=[], metavar="PATTERN", help="module names/regexes to keep unquantized"
     )
@@ -180,8 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # The transformers rule is the default now; the old opt-in flag is accepted and does nothing.
     quantize.add_argument("--transformers-rule", action="store_true", help=argparse.SUPPRESS)
-    quantize.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
-    quantize.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
+    quantize.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="worker threads for quantization (default: all cores)",
+    )
+    quantize.add_argument(
+        "--max-shard-size",
+        type=shard_size,
+        default="5GB",
+        metavar="SIZE",
+        help="largest output file, e.g. 5GB, 500MB (default 5GB)",
+    )
     quantize.add_argument("--force", action="store_true", help="replace DST if it exists")
     quantize.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 

@@ -390,6 +390,10 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+#: The attribute :func:`add_lora` leaves on the model: the config its adapters were built with.
+CONFIG_ATTRIBUTE = "qlorakit_lora_config"
+
+
 def add_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Wraps every module ``config.target_modules`` selects in a :class:`LoraLinear`, in place, and freezes
     every parameter of ``model`` except the adapters' ``lora_A``/``lora_B`` weights.
@@ -424,6 +428,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype = 
         param.requires_grad_(False)
     for param in lora_parameters(model):
         param.requires_grad_(True)
+    setattr(model, CONFIG_ATTRIBUTE, config)
     return model
 
 
@@ -451,7 +456,7 @@ def _adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(
     model: nn.Module,
     directory: str | os.PathLike[str],
-    config: LoraConfig,
+    config: LoraConfig | None = None,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
 ) -> Path:
@@ -459,7 +464,8 @@ def save_adapter(
     (created if needed) and returns its path.
 
     Tensors keep the adapter's dtype; keys are ``base_model.model.{P}.lora_A.weight`` / ``.lora_B.weight``
-    for the :class:`LoraLinear` at module path ``P``. ``config`` must describe the model's adapters: the modules
+    for the :class:`LoraLinear` at module path ``P``. ``config`` defaults to the one :func:`add_lora` (or
+    :func:`load_adapter`) built the adapters with; a given one must describe the model's adapters: the modules
     it targets must be exactly the wrapped ones, with the same rank and scaling (else ``ValueError``), so that
     PEFT and :func:`load_adapter` rebuild the same function. ``base_model_name_or_path`` defaults to the model's
     ``name_or_path`` (as PEFT does)."""
@@ -468,6 +474,9 @@ def save_adapter(
     wrapped = _lora_modules(model)
     if not wrapped:
         raise ValueError("model has no LoRA adapters to save (call add_lora first)")
+    config = config if config is not None else getattr(model, CONFIG_ATTRIBUTE, None)
+    if config is None:
+        raise ValueError("the model does not record the LoraConfig of its adapters: pass config=")
     targeted = [name for name, _ in _find_targets(model, config)]
     names = [name for name, _ in wrapped]
     if sorted(targeted) != sorted(names):
