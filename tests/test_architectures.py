@@ -186,6 +186,7 @@ def test_load_packed_reads_what_transformers_saved(case) -> None:
     from safetensors.torch import save_file
 
     save_file({"base_model.model.lora_A.weight": torch.zeros(2, 2)}, str(saved / "adapter_model.safetensors"))
+    (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["x"]}))
     ours = qlorakit.load_packed(saved)
     assert sorted(n for n, m in ours.named_modules() if isinstance(m, Linear4bit)) == sorted(bnb_layers(reference))
     assert_same_logits(both_modes(ours, architecture), both_modes(reference, architecture), "load_packed vs route")

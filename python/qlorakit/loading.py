@@ -20,6 +20,9 @@ from torch import nn
 from qlorakit.errors import CheckpointError
 
 
+_NO_ADAPTER_SUBFOLDER = ".qlorakit-base-only"
+
+
 def load_packed(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -42,7 +45,14 @@ def load_packed(
     config.quantization_config = QlorakitConfig.from_bnb(bnb_config, compute_dtype).to_dict()
     model_class = hf_rules.model_class(config, directory)
     model, info = model_class.from_pretrained(
-        str(directory), config=config, device_map={"": str(torch.device(device))}, output_loading_info=True
+        str(directory),
+        config=config,
+        device_map={"": str(torch.device(device))},
+        output_loading_info=True,
+        # transformers (with PEFT installed) loads an adapter it finds beside the weights; this loads
+        # the base alone (adapters go on with load_adapter), so its adapter lookup is pointed at a
+        # subfolder that does not exist.
+        adapter_kwargs={"subfolder": _NO_ADAPTER_SUBFOLDER},
     )
     problems = [
         *(f"missing tensor '{k}'" for k in sorted(info["missing_keys"])),
