@@ -19,7 +19,6 @@ from torch import nn
 
 from qlorakit.errors import CheckpointError
 
-
 _NO_ADAPTER_SUBFOLDER = ".qlorakit-base-only"
 
 
