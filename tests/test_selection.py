@@ -156,3 +156,11 @@ def test_bare_file_uses_the_name_rule(sources, tmp_path) -> None:
     report = qlorakit.quantize_checkpoint(sources["llama"] / "model.safetensors", tmp_path / "out")
     assert report.selection_method.startswith("name rule: no config.json")
     assert report.tensors_quantized == 14
+
+
+def test_verify_against_the_source_reads_conv1d_weights_transposed(sources, tmp_path) -> None:
+    qlorakit.quantize_checkpoint(sources["gpt2"], tmp_path / "out")
+    report = qlorakit.verify_checkpoint(tmp_path / "out", against=sources["gpt2"])
+    assert report.ok, report.problems
+    assert len(report.per_tensor_error) == 8
+    assert all(0.05 < error < 0.12 for error in report.per_tensor_error.values()), report.per_tensor_error
