@@ -182,8 +182,9 @@ def same_work(a: Selection, b: Selection) -> bool:
 
 
 def matches_module(name: str, pattern: str) -> bool:
-    """transformers' module-pattern rule: a prefix ending at a module boundary, a regex
-    with the same boundary, or a suffix ("fc1" matches "model.decoder.layers.23.fc1")."""
+    """transformers' module-pattern rule (``should_convert_module``), for the name rule, which runs
+    without transformers: a prefix ending at a module boundary, a regex with the same boundary, or
+    a suffix ("fc1" matches "model.decoder.layers.23.fc1")."""
     boundary = r"(?:(?<=\.)|(?=\.|$))"
     try:
         return bool(re.match(rf"(?:{pattern}){boundary}", name)) or name.endswith(pattern)
@@ -282,15 +283,16 @@ def _select_with_transformers(
 
 def _kept_reason(target: str, fused: bool, model: nn.Module, defaults: Sequence[str], skip: Sequence[str]) -> str:
     from torch import nn
+    from transformers.quantizers.quantizers_utils import should_convert_module
 
     if fused:
         return KEPT_FUSED
     if not target.endswith(".weight"):
         return KEPT_NOT_LINEAR
     module_name = target.removesuffix(".weight")
-    if any(matches_module(module_name, p) for p in skip):
+    if not should_convert_module(module_name, list(skip)):
         return KEPT_SKIPPED
-    if any(matches_module(module_name, p) for p in defaults):
+    if not should_convert_module(module_name, list(defaults)):
         return KEPT_BY_TRANSFORMERS
     try:
         module = model.get_submodule(module_name)
