@@ -268,7 +268,7 @@ class _PlanChanged(Exception):
 def _check_written_shapes(directory: Path, selection: Selection) -> None:
     """Every quantized tensor's recorded shape must be that of the 4-bit layer its loader builds:
     a mismatch would load silently wrong (or not at all), so it fails the run instead."""
-    written = _quant_states(sorted(directory.glob("*.safetensors")))
+    written = _quant_states(_headers(sorted(directory.glob("*.safetensors"))))
     for name, expected in selection.expected_shapes.items():
         state = written.get(name)
         shape = tuple(state["shape"]) if state is not None else None
@@ -383,9 +383,9 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     """What a (packed or ordinary) checkpoint holds: format, options, tensors, bits/param."""
     root = Path(path)
     files = _safetensors_files(root)
-    headers = [(file, *_core.read_header(str(file))) for file in files]
+    headers = _headers(files)
     metadata = headers[0][1]
-    by_weight = _quant_states(files, headers)
+    by_weight = _quant_states(headers)
     states, quantized = set(by_weight), list(by_weight.values())
     dtypes: dict[str, int] = {}
     params = payload = tensors = 0
@@ -416,12 +416,16 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     }
 
 
-def _quant_states(files: Sequence[Path], headers: Sequence[tuple] | None = None) -> dict[str, dict]:
-    """The quant_state JSON of every 4-bit weight in ``files``, by weight name, read straight from
-    the bytes (no torch import: this runs in the CLI). ``headers``: ``(file, metadata, entries)`` of
-    ``_core.read_header``, when the caller has them already."""
+def _headers(files: Sequence[Path]) -> list[tuple]:
+    """``(file, metadata, entries)`` of each safetensors file (``_core.read_header``)."""
+    return [(file, *_core.read_header(str(file))) for file in files]
+
+
+def _quant_states(headers: Sequence[tuple]) -> dict[str, dict]:
+    """The quant_state JSON of every 4-bit weight in the files of ``headers`` (:func:`_headers`), by
+    weight name, read straight from the bytes (no torch import: this runs in the CLI)."""
     states: dict[str, dict] = {}
-    for file, _, entries in headers or [(f, *_core.read_header(str(f))) for f in files]:
+    for file, _, entries in headers:
         wanted = [(name, begin, end) for name, _, _, begin, end in entries if QUANT_STATE_MARKER in name]
         if not wanted:
             continue
