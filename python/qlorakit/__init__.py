@@ -14,7 +14,8 @@ from qlorakit.errors import CheckpointError, NonFiniteError, QlorakitError, Quan
 
 if TYPE_CHECKING:
     from qlorakit.importance import collect_importance, save_importance
-    from qlorakit.loading import load_packed
+    from qlorakit.hf_quantizer import QuantizationConfig
+    from qlorakit.loading import from_pretrained, load_packed
     from qlorakit.lora import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
     from qlorakit.optim import PagedAdam, PagedAdamW
     from qlorakit.packed import PackedWeight
@@ -27,6 +28,8 @@ _LAZY = {
     "dequantize": "qlorakit.quantization",
     "quantize": "qlorakit.quantization",
     "load_packed": "qlorakit.loading",
+    "from_pretrained": "qlorakit.loading",
+    "QuantizationConfig": "qlorakit.hf_quantizer",
     "collect_importance": "qlorakit.importance",
     "save_importance": "qlorakit.importance",
     "LoraConfig": "qlorakit.lora",
@@ -72,6 +75,8 @@ __all__ = [
     "dequantize",
     "inspect_checkpoint",
     "load_packed",
+    "from_pretrained",
+    "QuantizationConfig",
     "quantize",
     "quantize_checkpoint",
     "verify_checkpoint",

@@ -45,7 +45,7 @@ SERIALIZED_NAMES = [
 
 
 @register_quantization_config(QUANT_METHOD)
-class QlorakitConfig(QuantizationConfigMixin):
+class QuantizationConfig(QuantizationConfigMixin):
     """Loads a bitsandbytes-format 4-bit checkpoint with qlorakit's layers.
 
     ``compute_dtype``: the dtype the 4-bit layers compute in. ``llm_int8_skip_modules``: the
@@ -66,7 +66,7 @@ class QlorakitConfig(QuantizationConfigMixin):
         self.bnb_config = bnb_config
 
     @classmethod
-    def from_bnb(cls, bnb_config: dict, compute_dtype: torch.dtype | None = None) -> QlorakitConfig:
+    def from_bnb(cls, bnb_config: dict, compute_dtype: torch.dtype | None = None) -> QuantizationConfig:
         """For a checkpoint whose ``config.json`` holds bitsandbytes' 4-bit ``bnb_config``."""
         recorded = str(bnb_config.get("bnb_4bit_compute_dtype") or "bfloat16").removeprefix("torch.")
         return cls(
@@ -119,11 +119,11 @@ class _Deserialize(ConversionOps):
 
 @register_quantizer(QUANT_METHOD)
 class QlorakitHfQuantizer(HfQuantizer):
-    """transformers' loader for :class:`QlorakitConfig` (pre-quantized checkpoints)."""
+    """transformers' loader for :class:`QuantizationConfig` (pre-quantized checkpoints)."""
 
     requires_calibration = False
     serialized_names = {"weight": SERIALIZED_NAMES}
-    quantization_config: QlorakitConfig
+    quantization_config: QuantizationConfig
 
     @property
     def compute_dtype(self) -> torch.dtype:

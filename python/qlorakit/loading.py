@@ -36,12 +36,12 @@ def load_packed(
     misshapen for the model.
     """
     from qlorakit import hf_rules
-    from qlorakit.hf_quantizer import QlorakitConfig
+    from qlorakit.hf_quantizer import QuantizationConfig
 
     directory = Path(path)
     config = _packed_config(directory)
     bnb_config = config.quantization_config
-    config.quantization_config = QlorakitConfig.from_bnb(bnb_config, compute_dtype).to_dict()
+    config.quantization_config = QuantizationConfig.from_bnb(bnb_config, compute_dtype).to_dict()
     model_class = hf_rules.model_class(config, directory)
     model, info = model_class.from_pretrained(
         str(directory),

@@ -312,7 +312,7 @@ class LoraLinear(nn.Module):
         result_dtype = result.dtype
         lora_x = x if x.dtype == self.lora_A.weight.dtype else x.to(self.lora_A.weight.dtype)
         update = self.lora_B(self.lora_A(self.lora_dropout(lora_x))) * self.scaling
-        if not isinstance(self.base_layer, nn.Linear):
+        if not _is_dense_linear(self.base_layer):
             # PEFT's 4-bit layers round the update to the output dtype before adding it;
             # doing the same keeps outputs bit-identical to PEFT on a quantized base.
             update = update.to(result_dtype)
@@ -323,6 +323,12 @@ class LoraLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"scaling={self.scaling:g}, adapter_dtype={self.adapter_dtype}"
         )
+
+
+def _is_dense_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (or subclass) with a floating-point weight; 4-bit layers subclass ``nn.Linear`` too
+    (qlorakit's and bitsandbytes') but hold packed integer codes."""
+    return isinstance(module, nn.Linear) and module.weight.is_floating_point()
 
 
 def _output_layer(model: nn.Module) -> nn.Module | None:
@@ -569,7 +575,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     wrapped = _lora_modules(model)
     for name, module in wrapped:
         base = module.base_layer
-        if not isinstance(base, nn.Linear) and not hasattr(base, "to_dense"):
+        if not _is_dense_linear(base) and not hasattr(base, "to_dense"):
             raise NotImplementedError(
                 f"merge_lora: {name!r} has a {type(base).__name__} base layer; only torch.nn.Linear and "
                 "qlorakit.nn.Linear4bit bases are merged."
@@ -577,12 +583,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, module in wrapped:
         base = module.base_layer
         with torch.no_grad():
-            if isinstance(base, nn.Linear):
+            if _is_dense_linear(base):
                 weight, dtype = base.weight.float(), base.weight.dtype
             else:  # a 4-bit base: dequantization is exact in float32
                 weight, dtype = base.dequantized_weight(torch.float32), base.weight_dtype
             merged = (weight + module.delta_weight().to(weight.device)).to(dtype)
-        if isinstance(base, nn.Linear):  # keeps its class (e.g. Falcon's FalconLinear)
+        if _is_dense_linear(base):  # keeps its class (e.g. Falcon's FalconLinear)
             base.weight = nn.Parameter(merged, requires_grad=False)
             new = base
         else:

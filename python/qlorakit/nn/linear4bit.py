@@ -43,8 +43,12 @@ class _Linear4bitFunction(torch.autograd.Function):
         return grad_input, None, grad_bias
 
 
-class Linear4bit(nn.Module):
+class Linear4bit(nn.Linear):
     """A linear layer ``y = x W^T + b`` with W stored blockwise 4-bit (NF4/FP4).
+
+    A subclass of ``nn.Linear``, as bitsandbytes' ``Linear4bit`` is: code that finds a model's linear
+    layers by type (PEFT's ``target_modules="all-linear"``, transformers' module walks) finds these.
+    Its ``weight`` is the packed uint8 codes, never a floating-point matrix.
 
     Buffers: ``packed`` uint8 ``[(out*in+1)//2, 1]``, ``absmax`` (uint8 nested codes, or
     float32), ``nested_absmax`` float32 (double quantization only). The input is cast to
@@ -55,7 +59,7 @@ class Linear4bit(nn.Module):
     def __init__(
         self, packed: PackedWeight, bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16
     ):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a full-precision weight
         if len(packed.shape) != 2:
             raise ValueError(f"Linear4bit needs a 2-D weight, got shape {packed.shape}")
         self.out_features, self.in_features = packed.shape
