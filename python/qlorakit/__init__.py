@@ -13,8 +13,8 @@ from qlorakit.checkpoint import QuantizeReport, inspect_checkpoint, quantize_che
 from qlorakit.errors import CheckpointError, NonFiniteError, QlorakitError, QuantizationError
 
 if TYPE_CHECKING:
-    from qlorakit.importance import collect_importance, save_importance
     from qlorakit.hf_quantizer import QuantizationConfig
+    from qlorakit.importance import collect_importance, save_importance
     from qlorakit.loading import from_pretrained, load_packed
     from qlorakit.lora import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
     from qlorakit.optim import PagedAdam, PagedAdamW

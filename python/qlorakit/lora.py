@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlorakit import trainer_support
+
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
@@ -435,7 +437,13 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_dtype: torch.dtype = 
     for param in lora_parameters(model):
         param.requires_grad_(True)
     setattr(model, CONFIG_ATTRIBUTE, config)
+    trainer_support.attach(model)
     return model
+
+
+def lora_parameter_names(model: nn.Module) -> list[str]:
+    """The names (in ``model.named_parameters()``) of the adapters' ``lora_A``/``lora_B`` weights."""
+    return [f"{name}.{part}.weight" for name, _ in _lora_modules(model) for part in ("lora_A", "lora_B")]
 
 
 def lora_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
@@ -594,4 +602,5 @@ def merge_lora(model: nn.Module) -> nn.Module:
         else:
             new = base.to_dense(merged)
         _set_submodule(model, name, new)
+    trainer_support.detach(model)
     return model
