@@ -26,9 +26,9 @@ from qlorakit.quantization import quantize
 class LoraLinear4bit(PeftLoraLinear):
     """PEFT LoRA adapters (any number, PEFT's adapter API) on a qlorakit ``Linear4bit`` base layer.
 
-    Plain LoRA (with rsLoRA, rank/alpha patterns, ``lora_bias``, dropout, several adapters and mixed-batch
-    inference). Variants that need the base weight in full precision during training (DoRA, ...) are refused
-    with PEFT's error for an unsupported variant."""
+    Plain LoRA: rsLoRA, rank/alpha patterns, dropout, several adapters, mixed-batch inference, ``lora_bias``
+    (merged as PEFT's dense layer merges it). Variants that need the base weight in full precision during
+    training (DoRA, ...) are refused with PEFT's error for an unsupported variant."""
 
     @property
     def lora_variants(self) -> dict[tuple[str, ...], Any]:
@@ -67,13 +67,14 @@ class LoraLinear4bit(PeftLoraLinear):
             if active_adapter not in self.lora_A:
                 continue
             base = self.get_base_layer()
+            if self.lora_bias[active_adapter] and base.bias is None:
+                raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
             merged = base.dequantized_weight(base.weight_dtype) + self.get_delta_weight(active_adapter)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs in the weights merged with adapter {active_adapter!r}; it seems to be broken")
             self._requantize(merged)
             if self.lora_bias[active_adapter]:
-                bias = self.get_base_layer().bias
-                bias.data = bias.data + self.lora_B[active_adapter].bias.to(bias.dtype)
+                self._shift_bias(active_adapter, 1.0)
             self.merged_adapters.append(active_adapter)
 
     def unmerge(self) -> None:
@@ -85,8 +86,14 @@ class LoraLinear4bit(PeftLoraLinear):
             base = self.get_base_layer()
             self._requantize(base.dequantized_weight(base.weight_dtype) - self.get_delta_weight(active_adapter))
             if self.lora_bias[active_adapter]:
-                bias = self.get_base_layer().bias
-                bias.data = bias.data - self.lora_B[active_adapter].bias.to(bias.dtype)
+                self._shift_bias(active_adapter, -1.0)
+
+    def _shift_bias(self, adapter: str, sign: float) -> None:
+        """Adds (``sign`` 1) or removes (-1) ``lora_B``'s bias, scaled as the forward scales it (PEFT's dense
+        layer does the same; its bitsandbytes layer leaves the scaling out)."""
+        bias = self.get_base_layer().bias
+        update = self.lora_B[adapter].bias * self.scaling[adapter] * sign
+        bias.data = (bias.data.float() + update.float()).to(bias.dtype)
 
     def _requantize(self, weight: torch.Tensor) -> None:
         """Replaces the base layer by a ``Linear4bit`` holding ``weight`` quantized with the base's options."""
