@@ -93,8 +93,11 @@ def quantize_checkpoint(
     progress: Any = None,
     scale_search: bool = False,
     importance: str | None = None,
+    transposed: list[str] = ...,
+    durable: bool = True,
 ) -> dict[str, Any]:
-    """Quantize the ``selected`` tensors of ``source`` into the empty directory ``out_dir``."""
+    """Quantize the ``selected`` tensors of ``source`` into the empty directory ``out_dir``
+    (``durable=False``: leave the shards to the page cache, no fsync)."""
 
 def quant_state_json(
     quant_type: str,

@@ -145,6 +145,7 @@ def quantize_checkpoint(
     max_shard_size: str | int = "5GB",
     force: bool = False,
     progress: ProgressCallback | bool = False,
+    durable: bool = True,
 ) -> QuantizeReport:
     """Quantizes the safetensors checkpoint at ``src`` (a model directory or one
     ``.safetensors`` file) into a bitsandbytes-format 4-bit model directory ``dst``.
@@ -158,6 +159,10 @@ def quantize_checkpoint(
     error; not byte-equal to bitsandbytes' own quantization). ``importance``: with it, a
     safetensors file of float32 vectors, one per weight name, of shape ``[in_features]``
     (e.g. from :func:`qlorakit.collect_importance`), weighting the error per input column.
+
+    ``durable=False`` skips syncing the output to disk (it is still renamed into place only when
+    complete): for a scratch output that is read back at once and deleted, as
+    :func:`qlorakit.from_pretrained` does.
 
     Raises :class:`~qlorakit.errors.CheckpointError` naming the file and tensor on bad
     input or a failed write (``dst`` is then left untouched), ``FileExistsError`` if
@@ -228,6 +233,7 @@ def quantize_checkpoint(
             scale_search,
             str(importance) if importance is not None else None,
             selection.transposed,
+            durable,
         )
 
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -247,7 +253,8 @@ def quantize_checkpoint(
         quant_config = quantization_config(quant_type, double_quant, options["compute_dtype"], selection.skip_modules)
         write_config(source_dir, staging, quant_config)
         copy_other_files(source_dir, staging)
-        _sync_tree(staging)
+        if durable:
+            _sync_tree(staging)
         _replace(staging, destination)
     except CheckpointError as exc:
         shutil.rmtree(staging, ignore_errors=True)

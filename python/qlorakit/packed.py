@@ -13,6 +13,7 @@ The tensors a packed checkpoint stores for one weight ``X.weight`` (bitsandbytes
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -24,6 +25,16 @@ from qlorakit import _core
 from qlorakit._core import QuantizationError
 from qlorakit.formats import QUANT_STATE_MARKER, QUANT_TYPES
 from qlorakit.tables import code_table, dtype_from_name, dtype_name, dynamic_map
+
+#: What follows a weight's key in the keys of its serialized tensors (bitsandbytes' names).
+SERIALIZED_SUFFIXES: tuple[str, ...] = (
+    "",
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".nested_quant_map",
+    *(f"{QUANT_STATE_MARKER}{quant_type}" for quant_type in QUANT_TYPES),
+)
 
 
 @dataclass
@@ -145,10 +156,17 @@ class PackedWeight:
 
     def _check_tables(self, tensors: Mapping[str, torch.Tensor], prefix: str) -> None:
         """Refuses files whose code tables differ from ours (they would decode differently)."""
-        expected = {f"{prefix}.quant_map": code_table(self.quant_type)}
+        expected = {f"{prefix}.quant_map": _reference_table(self.quant_type)}
         if self.double_quant:
-            expected[f"{prefix}.nested_quant_map"] = dynamic_map()
+            expected[f"{prefix}.nested_quant_map"] = _reference_table("dynamic")
         for key, table in expected.items():
             stored = tensors.get(key)
             if stored is None or not torch.equal(stored.float().cpu(), table):
                 raise QuantizationError(f"{key}: missing or not the standard {key.rsplit('.', 1)[-1]} table")
+
+
+@functools.cache
+def _reference_table(name: str) -> torch.Tensor:
+    """The table ``name`` (a quant type, or ``"dynamic"``) to compare stored ones with, built once
+    (loading checks it for every weight). Never handed out: callers get fresh copies."""
+    return dynamic_map() if name == "dynamic" else code_table(name)

@@ -128,15 +128,23 @@ class Plan:
 CACHE_ENV = "QLORAKIT_CACHE"
 
 
+def cache_root() -> Path | None:
+    """qlorakit's cache directory (see :data:`CACHE_ENV`; it may not exist yet), or None when it is off."""
+    setting = os.environ.get(CACHE_ENV, "")
+    if setting == "off":
+        return None
+    return Path(setting) if setting else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlorakit"
+
+
 def _plan_cache_path(
     source_dir: Path | None, tensors: Sequence[tuple[str, str, list[int]]], skip: Sequence[str]
 ) -> Path | None:
     """The cache file of a transformers plan: keyed by everything the plan depends on (the config,
     every tensor's name, dtype and shape, the skip patterns, the transformers and qlorakit
     versions), so a hit is the plan transformers would give again, without its imports."""
-    setting = os.environ.get(CACHE_ENV, "")
+    root = cache_root()
     config_path = source_dir / "config.json" if source_dir is not None else None
-    if setting == "off" or config_path is None or not config_path.is_file():
+    if root is None or config_path is None or not config_path.is_file():
         return None
     from importlib.metadata import PackageNotFoundError, version
 
@@ -147,7 +155,6 @@ def _plan_cache_path(
     key = hashlib.sha256()
     for part in (config_path.read_bytes(), json.dumps([list(t) for t in tensors]), json.dumps(list(skip)), versions):
         key.update(part if isinstance(part, bytes) else str(part).encode())
-    root = Path(setting) if setting else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlorakit"
     return root / "plans" / f"{key.hexdigest()}.json"
 
 

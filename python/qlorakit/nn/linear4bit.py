@@ -6,6 +6,12 @@ An input of a single row (batch-1 decoding) skips the dequantized weight altoget
 dequantize-and-multiply kernel exists (CUDA; the CPU with AVX-512): it reads the 4-bit codes once.
 Backward: the gradient with respect to the input is computed by dequantizing again (the full
 weight is not kept from the forward); the frozen weight gets no gradient.
+
+State dict: bitsandbytes' serialization of a 4-bit weight (``weight``, ``weight.absmax``,
+``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
+``weight.quant_state.bitsandbytes__nf4``) and ``bias``: ``model.state_dict()`` of a model holds the
+tensors of the packed checkpoint it was loaded from, and ``save_pretrained`` writes a checkpoint
+transformers + bitsandbytes load.
 """
 
 from __future__ import annotations
@@ -13,9 +19,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qlorakit._core import QuantizationError
 from qlorakit.nn.dispatch import dequantize_weight, matvec_weight
-from qlorakit.packed import PackedWeight
+from qlorakit.packed import SERIALIZED_SUFFIXES, PackedWeight
 from qlorakit.quantization import quantize
+
+#: The buffers that hold a layer's 4-bit weight (its state dict holds bitsandbytes' names instead).
+_WEIGHT_BUFFERS = ("packed", "absmax", "nested_absmax")
 
 
 class _Linear4bitFunction(torch.autograd.Function):
@@ -69,6 +79,7 @@ class Linear4bit(nn.Linear):
         self.weight_dtype = packed.dtype
         self.offset = packed.offset
         self.nested_dtype = packed.nested_dtype
+        self.quant_storage = packed.quant_storage
         self.register_buffer("packed", packed.packed)
         self.register_buffer("absmax", packed.absmax)
         self.register_buffer("nested_absmax", packed.nested_absmax)
@@ -109,6 +120,7 @@ class Linear4bit(nn.Linear):
             nested_absmax=self.nested_absmax,
             offset=self.offset,
             nested_dtype=self.nested_dtype,
+            quant_storage=self.quant_storage,
         )
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -129,6 +141,90 @@ class Linear4bit(nn.Linear):
         dense.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         dense.bias = self.bias
         return dense
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """bitsandbytes' tensors for the weight (``PackedWeight.state_dict``), then the bias."""
+        device = self.packed.device
+        for name, tensor in self.packed_weight().state_dict(f"{prefix}weight").items():
+            destination[name] = tensor if keep_vars else tensor.detach().to(device)
+        if self.bias is not None:
+            destination[f"{prefix}bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Reads the tensors :meth:`_save_to_state_dict` writes (also bitsandbytes' own) into this
+        layer's buffers; the weight's layout (shape, block size, double quantization) must match."""
+        weight_key = f"{prefix}weight"
+        own = {
+            f"{weight_key}{s}": state_dict[f"{weight_key}{s}"]
+            for s in SERIALIZED_SUFFIXES
+            if f"{weight_key}{s}" in state_dict
+        }
+        handled = set(own)
+        if weight_key not in own:
+            missing_keys.extend(self.packed_weight().state_dict(weight_key))
+        else:
+            self._load_weight(own, weight_key, local_metadata.get("assign_to_params_buffers", False), error_msgs)
+        bias_key = f"{prefix}bias"
+        if self.bias is not None:
+            handled.add(bias_key)
+            if bias_key not in state_dict:
+                missing_keys.append(bias_key)
+            elif state_dict[bias_key].shape != self.bias.shape:
+                error_msgs.append(
+                    f"size mismatch for {bias_key}: copying a param with shape {tuple(state_dict[bias_key].shape)}, "
+                    f"the layer has {tuple(self.bias.shape)}"
+                )
+            else:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[bias_key])
+        if strict:
+            for key in state_dict:
+                child = key[len(prefix) :].split(".")[0]
+                if key.startswith(prefix) and key not in handled and child not in self._modules:
+                    unexpected_keys.append(key)
+
+    def _load_weight(self, tensors: dict, weight_key: str, assign: bool, error_msgs: list[str]) -> None:
+        try:
+            loaded = PackedWeight.from_state_dict(tensors, weight_key)
+        except QuantizationError as exc:
+            error_msgs.append(f"{weight_key}: {exc}")
+            return
+        if tuple(loaded.shape) != (self.out_features, self.in_features):
+            error_msgs.append(
+                f"size mismatch for {weight_key}: the 4-bit weight has shape {list(loaded.shape)}, "
+                f"the layer is [{self.out_features}, {self.in_features}]"
+            )
+            return
+        current = self.packed_weight()
+        for name in _WEIGHT_BUFFERS:
+            ours, theirs = getattr(current, name), getattr(loaded, name)
+            if (ours is None) != (theirs is None) or (ours is not None and ours.shape != theirs.shape):
+                error_msgs.append(
+                    f"size mismatch for {weight_key}: its {name} does not fit this layer's (block size "
+                    f"{loaded.blocksize} vs {self.blocksize}, double quantization {loaded.double_quant} vs "
+                    f"{current.double_quant})"
+                )
+                return
+        with torch.no_grad():
+            for name in _WEIGHT_BUFFERS:
+                theirs = getattr(loaded, name)
+                if theirs is None:
+                    continue
+                if assign:
+                    setattr(self, name, theirs)
+                else:
+                    getattr(self, name).copy_(theirs)
+        self.quant_type, self.blocksize, self.weight_dtype = loaded.quant_type, loaded.blocksize, loaded.dtype
+        self.offset, self.nested_dtype, self.quant_storage = loaded.offset, loaded.nested_dtype, loaded.quant_storage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None

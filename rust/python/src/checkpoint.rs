@@ -120,7 +120,7 @@ pub fn quant_state_json(
 /// `progress(tensors_done, tensors_total, bytes_done, bytes_total, name)` is called after
 /// each tensor. Returns the report as a dict.
 #[pyfunction]
-#[pyo3(signature = (source, out_dir, selected, quant_type, blocksize, double_quant, max_shard_bytes, metadata, threads=None, progress=None, scale_search=false, importance=None, transposed=Vec::new()))]
+#[pyo3(signature = (source, out_dir, selected, quant_type, blocksize, double_quant, max_shard_bytes, metadata, threads=None, progress=None, scale_search=false, importance=None, transposed=Vec::new(), durable=true))]
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_checkpoint<'py>(
     py: Python<'py>,
@@ -137,6 +137,7 @@ pub fn quantize_checkpoint<'py>(
     scale_search: bool,
     importance: Option<PathBuf>,
     transposed: Vec<String>,
+    durable: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let options = Options {
         quant_type: parse_quant_type(quant_type)?,
@@ -146,6 +147,7 @@ pub fn quantize_checkpoint<'py>(
         error_sample_stride: checkpoint::ERROR_SAMPLE_STRIDE,
         scale_search,
         importance,
+        durable,
     };
     let transposed: HashSet<String> = transposed.into_iter().collect();
     if let Some(name) = transposed.iter().find(|name| !selected.contains(name)) {

@@ -39,6 +39,9 @@ pub struct Options {
     /// With `scale_search`: a safetensors file of per-input-column importance vectors
     /// (see [`super::importance`]).
     pub importance: Option<PathBuf>,
+    /// Sync every shard to disk before it counts as written. Off only for a scratch output
+    /// that is read back at once and deleted (nothing to lose in a crash).
+    pub durable: bool,
 }
 
 /// How a selected tensor is laid out in the source, relative to the `[out, in]` weight
@@ -184,6 +187,7 @@ pub fn quantize_checkpoint(
             &variable,
             MAX_QUANT_STATE_LEN,
             metadata.clone(),
+            options.durable,
         )?;
         for &i in members {
             let planned = &plan[i];

@@ -56,17 +56,21 @@ pub struct ShardWriter {
     tail: Vec<(String, Vec<u8>)>,
     checksums: BTreeMap<String, String>,
     metadata: BTreeMap<String, String>,
+    durable: bool,
 }
 
 impl ShardWriter {
     /// Creates `path` for `fixed` entries plus up to `variable` JSON entries of at most
-    /// `max_variable_len` bytes each; `metadata` goes into `__metadata__`.
+    /// `max_variable_len` bytes each; `metadata` goes into `__metadata__`. `durable`: the
+    /// data goes to disk as it is written and [`Self::finish`] syncs it (otherwise it is left
+    /// to the page cache, for a scratch output).
     pub fn create(
         path: &Path,
         fixed: Vec<EntrySpec>,
         variable: &[String],
         max_variable_len: usize,
         metadata: BTreeMap<String, String>,
+        durable: bool,
     ) -> Result<ShardWriter> {
         let mut order: Vec<EntrySpec> = fixed;
         order.sort_by_key(|spec| std::cmp::Reverse(spec.dtype.size()));
@@ -94,6 +98,7 @@ impl ShardWriter {
             tail: Vec::new(),
             checksums: BTreeMap::new(),
             metadata,
+            durable,
         };
         writer.data_start = 8 + writer.reserved_header_len(variable, max_variable_len);
         Ok(writer)
@@ -156,7 +161,9 @@ impl ShardWriter {
                 tensor: name.to_string(),
                 source,
             })?;
-        start_writeback(&self.file, position, bytes.len());
+        if self.durable {
+            start_writeback(&self.file, position, bytes.len());
+        }
         placed.written = true;
         self.checksums
             .insert(name.to_string(), format!("{:08x}", checksum(bytes)));
@@ -171,7 +178,7 @@ impl ShardWriter {
     }
 
     /// Writes the tail and the header, checks every planned entry was written, syncs the
-    /// file to disk; returns the shard's size in bytes.
+    /// file to disk (when durable); returns the shard's size in bytes.
     pub fn finish(self) -> Result<u64> {
         if let Some(missing) = self.placed.iter().find(|p| !p.written) {
             return Err(CheckpointError::tensor(
@@ -212,7 +219,13 @@ impl ShardWriter {
         self.file
             .write_all_at(&head, 0)
             .and_then(|_| self.file.set_len(total))
-            .and_then(|_| self.file.sync_all())
+            .and_then(|_| {
+                if self.durable {
+                    self.file.sync_all()
+                } else {
+                    Ok(())
+                }
+            })
             .map_err(io)?;
         Ok(total)
     }
