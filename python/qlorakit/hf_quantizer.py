@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers.core_model_loading import ConversionOps
+from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.pytorch_utils import Conv1D
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AutoHfQuantizer, register_quantization_config, register_quantizer
@@ -198,6 +198,17 @@ class _Deserialize(_QuantizerOp):
         return {}
 
 
+class _SerializedWeight(WeightConverter):
+    """transformers' converter of one module's serialized tensors (``weight``, ``weight.absmax``, ...),
+    copied fresh for every module: ``deepcopy`` of a converter (what transformers does per checkpoint
+    key) costs more than the rest of loading a packed checkpoint."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo: dict) -> _SerializedWeight:
+        return self.copy(self._original_source_patterns, self._original_target_patterns, operations=self.operations)
+
+
 class _Quantize(_QuantizerOp):
     """One full-precision weight -> a ``Linear4bit`` in place of its slot, quantized by qlorakit's core."""
 
@@ -323,6 +334,11 @@ class QlorakitHfQuantizer(HfQuantizer):
 
     def get_load_operations(self) -> dict:
         return {"deserialize": _Deserialize}
+
+    def get_weight_conversions(self) -> list[WeightConverter]:
+        if not self.pre_quantized:
+            return []
+        return [_SerializedWeight(names, param, [_Deserialize(self)]) for param, names in self.serialized_names.items()]
 
     def is_serializable(self) -> bool:
         return True
