@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import qlorakit
-from bnb_reference import bnb_quantize
-from qlorakit import NonFiniteError, QlorakitError, QuantizationError
+from helpers.bnb_reference import bnb_quantize
+from qlorakit import NonFiniteError, QlorakitError, QuantizationError, formats
 from qlorakit.formats import BLOCKSIZES
 from qlorakit.tables import code_table, dynamic_map
 
@@ -22,6 +22,30 @@ def test_constants_come_from_the_core(bnb_functional) -> None:
         assert torch.equal(code_table(quant_type), expected)
     assert BLOCKSIZES == (32, 64, 128, 256, 512, 1024, 2048, 4096)
     assert dynamic_map().shape == (256,)
+    # Defined once in the Rust core, read through qlorakit.formats.
+    assert formats.QUANT_TYPES == ("nf4", "fp4")
+    assert formats.QUANT_STATE_MARKER == ".quant_state.bitsandbytes__"
+    assert formats.DEFAULT_MAX_SHARD_SIZE == "5GB"
+
+
+def test_subpackages_are_attributes_and_import_stays_torch_free() -> None:
+    """``import qlorakit; qlorakit.nn.Linear4bit`` as the README writes it; the bare import no torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, qlorakit\n"
+        "assert 'torch' not in sys.modules, 'import qlorakit imported torch'\n"
+        "assert {'nn', 'optim'} <= set(dir(qlorakit))\n"
+        "linear, adamw = qlorakit.nn.Linear4bit, qlorakit.optim.PagedAdamW\n"
+        "from qlorakit.nn import Linear4bit\n"
+        "from qlorakit.optim import PagedAdamW\n"
+        "assert linear is Linear4bit and adamw is PagedAdamW\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert qlorakit.nn.Linear4bit.__name__ == "Linear4bit"
+    with pytest.raises(AttributeError):
+        qlorakit.no_such_attribute  # noqa: B018
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -215,7 +239,7 @@ class TestScaleSearch:
         assert searched_total < 0.9 * absmax_total
 
     def test_bitsandbytes_decodes_searched_scales_like_we_do(self, bnb_functional) -> None:
-        from bnb_reference import bnb_state_of
+        from helpers.bnb_reference import bnb_state_of
 
         x = (torch.randn(96, 128, generator=torch.Generator().manual_seed(9)) * 0.05).to(torch.bfloat16)
         packed = qlorakit.quantize(x, scale_search=True)
@@ -228,7 +252,7 @@ class TestScaleSearch:
     def test_every_layout_beats_absmax_and_decodes_in_bitsandbytes(
         self, bnb_functional, quant_type: str, blocksize: int, double_quant: bool
     ) -> None:
-        from bnb_reference import bnb_state_of
+        from helpers.bnb_reference import bnb_state_of
 
         # Heavy-tailed values (Student-t-like), an odd element count (a trailing partial
         # block and a padded nibble) and one all-zero stretch.

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from architectures import ARCHITECTURES, Architecture, batch, logits
 
 import qlorakit
+from helpers.architectures import ARCHITECTURES, Architecture, batch, logits
 from qlorakit.nn import Linear4bit
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -209,7 +209,7 @@ def test_save_merged_loads_in_transformers(name: str, tmp_path) -> None:
     """Merging an adapter and saving, in full precision or re-quantized, writes what transformers
     (+ bitsandbytes) loads without a missing or unexpected key, close to the adapter model:
     tied heads, Conv1D layers (saved back [in, out]), FalconLinear and MoE experts included."""
-    from architectures import BY_NAME
+    from helpers.architectures import BY_NAME
 
     architecture = BY_NAME[name]
     architecture.save(tmp_path / "src")

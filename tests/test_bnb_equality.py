@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qlorakit
-from bnb_reference import assert_same_packing, bnb_quantize, bnb_state_of, compare_nested
+from helpers.bnb_reference import assert_same_packing, bnb_quantize, bnb_state_of, compare_nested
 from qlorakit.formats import BLOCKSIZES
 from qlorakit.tables import code_table
 

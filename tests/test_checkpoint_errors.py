@@ -35,10 +35,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
 from safetensors.torch import save_file
 
 import qlorakit
+from helpers.processes import run_cli
 from qlorakit import CheckpointError, QlorakitError
 
 WEIGHT = "model.layers.0.mlp.up_proj.weight"

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_dir, run_cli, save_tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from bnb_reference import compare_nested
+from helpers.bnb_reference import compare_nested
+from helpers.checkpoints import minilm_dir, save_tiny_llama
+from helpers.processes import run_cli
 
 BNB_OPTIONS = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
 

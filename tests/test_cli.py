@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from conftest import run_cli
 
+from helpers.processes import run_cli
 from qlorakit.cli import build_parser
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qlorakit
-from bnb_reference import bnb_state_of, compare_nested, decode_nested
+from helpers.bnb_reference import bnb_state_of, compare_nested, decode_nested
 from qlorakit import _core
 from qlorakit.tables import dynamic_map
 

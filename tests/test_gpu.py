@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_script
 
 import qlorakit
-from kernel_emulation import assert_gemv_close, build, compiler_available
+from helpers.kernel_emulation import assert_gemv_close, build, compiler_available
+from helpers.processes import load_script
 from qlorakit import _core
 from qlorakit.errors import QlorakitError
 from qlorakit.nn import Linear4bit

@@ -1,5 +1,5 @@
 """The CUDA kernels' exact source, compiled by the host C++ compiler and run over its whole grid on the CPU
-(tests/kernel_emulation.py), against the Rust core: dequantization bit for bit, the batch-1 matvec within a
+(tests/helpers/kernel_emulation.py), against the Rust core: dequantization bit for bit, the batch-1 matvec within a
 stated float tolerance. Launch configurations come from ``qlorakit.kernels.launches``, the same code that
 builds the GPU launches."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import qlorakit
-from kernel_emulation import GuardedBuffers, assert_gemv_close, build, build_text, compiler_available
+from helpers.kernel_emulation import GuardedBuffers, assert_gemv_close, build, build_text, compiler_available
 from qlorakit import _core
 from qlorakit.kernels import kernel_files, kernel_names, kernel_source, kernel_variants
 from qlorakit.kernels.launches import dequantize_4bit_launch, gemv_4bit_launch

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_dir, run_cli, save_tiny_llama
 
 import qlorakit
+from helpers.checkpoints import minilm_dir, save_tiny_llama
+from helpers.processes import run_cli
 from qlorakit.nn import Linear4bit
 
 

@@ -323,7 +323,7 @@ def _reference_math(param: torch.Tensor, grad: torch.Tensor, exp_avg: np.ndarray
 def test_kernel_emulation_matches_reference_math(
     dtype: torch.dtype, decoupled: bool, weight_decay: float, betas: tuple[float, float]
 ) -> None:
-    from kernel_emulation import build, compiler_available
+    from helpers.kernel_emulation import build, compiler_available
 
     if not compiler_available():
         pytest.skip("the CPU emulation needs a host C++ compiler")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from architectures import BY_NAME, logits
 
 import qlorakit
+from helpers.architectures import BY_NAME, logits
 from qlorakit.nn import Linear4bit
 
 peft = pytest.importorskip("peft")

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from architectures import BY_NAME, Architecture, logits
 from safetensors.torch import load_file, save_file
 
 import qlorakit
+from helpers.architectures import BY_NAME, Architecture, logits
 from qlorakit import scratch
 from qlorakit.errors import CheckpointError
 from qlorakit.nn import Linear4bit

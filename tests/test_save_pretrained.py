@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from architectures import ARCHITECTURES, BY_NAME, Architecture, logits
 from safetensors.torch import load_file
 
 import qlorakit
+from helpers.architectures import ARCHITECTURES, BY_NAME, Architecture, logits
 from qlorakit.nn import Linear4bit
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import minilm_dir, run_cli
 from safetensors.torch import load_file, save_file
 
 import qlorakit
+from helpers.checkpoints import minilm_dir
+from helpers.processes import run_cli
 
 # Standard-library modules whose docstrings supply the sentences (text every machine has).
 DOC_MODULES = (

@@ -9,11 +9,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from architectures import BY_NAME
-from conftest import run_cli
 from safetensors.torch import load_file
 
 import qlorakit
+from helpers.architectures import BY_NAME
+from helpers.processes import run_cli
 from qlorakit import selection
 from qlorakit.errors import CheckpointError
 

@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import load_script
+
+from helpers.processes import load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "train_lora.py"
 

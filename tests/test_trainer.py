@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from architectures import BY_NAME, VOCAB, logits
 from safetensors import safe_open
 
 import qlorakit
+from helpers.architectures import BY_NAME, VOCAB, logits
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -502,8 +502,9 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def quant_state_prefix(key: str) -> str | None:
     """``X.weight`` for ``X.weight.quant_state.bitsandbytes__nf4|fp4``; None for other keys."""
-    marker = ".quant_state.bitsandbytes__"
-    return key.split(marker)[0] if marker in key else None
+    from qlorakit.formats import QUANT_STATE_MARKER  # imported late: this process stays small until it compares
+
+    return key.split(QUANT_STATE_MARKER)[0] if QUANT_STATE_MARKER in key else None
 
 
 def decode_quant_state(tensor: torch.Tensor) -> dict:

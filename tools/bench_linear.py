@@ -51,12 +51,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bench_common import configure_threads, print_machine
+from bench_common import TimedCall, configure_threads, parse_dims, print_machine, time_interleaved
 
 if TYPE_CHECKING:
     import torch
@@ -84,16 +83,6 @@ IMPL_DENSE = "dense nn.Linear bf16"
 # --------------------------------------------------------------------------- arguments / threads
 
 
-def parse_dims(text: str, count: int, what: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad {what} {text!r}; expected e.g. 8x512") from None
-    if len(dims) != count or any(d <= 0 for d in dims):
-        raise argparse.ArgumentTypeError(f"bad {what} {text!r}; expected {count} positive dimensions joined by 'x'")
-    return dims
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="threads for qlorakit (rayon) and torch/OpenMP")
@@ -115,8 +104,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--repeats must be >= 1")
     try:
         items = args.shapes or ["x".join(map(str, s)) for s in DEFAULT_SHAPES]
-        args.shapes = [parse_dims(s, 2, "shape") for item in items for s in item.split(",") if s]
-        args.layer = parse_dims(args.layer, 2, "layer")
+        args.shapes = [parse_dims(s, "shape", count=2) for item in items for s in item.split(",") if s]
+        args.layer = parse_dims(args.layer, "layer", count=2)
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
     if args.layer[1] % BLOCKSIZE:
@@ -149,7 +138,7 @@ def print_environment(threads: int | None) -> None:
 
 
 @dataclass
-class Candidate:
+class Candidate(TimedCall):
     """A timed callable: one implementation in one pass."""
 
     impl: str
@@ -158,36 +147,11 @@ class Candidate:
     reps: int = 0
     last: Any = None
 
-    def time_once(self) -> float:
-        start = time.perf_counter()
-        self.last = self.fn()
-        elapsed = time.perf_counter() - start
-        self.best = min(self.best, elapsed)
-        self.reps += 1
-        return elapsed
 
-
-def time_interleaved(candidates: Sequence[Candidate], repeats: int) -> None:
-    """One untimed warm-up call each, then round-robin timed calls, best kept.
-
-    The number of rounds is ``repeats``, raised for fast shapes (about TIME_BUDGET_S of
-    timed calls, at most MAX_REPEAT_FACTOR x ``repeats``) as measured on the first timed
-    round (the warm-up round includes one-off costs such as bitsandbytes' eval() repacking).
-    """
-
-    def one_round() -> float:
-        total = 0.0
-        for cand in candidates:
-            time.sleep(PAUSE_S)
-            total += cand.time_once()
-        return total
-
-    for cand in candidates:
-        cand.last = cand.fn()
-    first = one_round()
-    rounds = max(repeats, min(MAX_REPEAT_FACTOR * repeats, int(TIME_BUDGET_S / max(first, 1e-9))))
-    for _ in range(rounds - 1):
-        one_round()
+def time_rounds(candidates: Sequence[Candidate], repeats: int) -> None:
+    """``time_interleaved``: ``repeats`` rounds, raised for fast shapes (about TIME_BUDGET_S of timed calls,
+    at most MAX_REPEAT_FACTOR x ``repeats``)."""
+    time_interleaved(candidates, repeats, PAUSE_S, TIME_BUDGET_S, MAX_REPEAT_FACTOR)
 
 
 # --------------------------------------------------------------------------- layers
@@ -301,7 +265,7 @@ def bench_shape(batch: int, seq: int, layers: Layers, args: argparse.Namespace) 
         Candidate(IMPL_BNB, lambda: bnb_dequantize(layers.bnb)),
     ]
     # All passes in one round-robin: a burst of outside load hits every row alike.
-    time_interleaved([cand for pass_name in PASSES for cand in report.groups[pass_name]], args.repeats)
+    time_rounds([cand for pass_name in PASSES for cand in report.groups[pass_name]], args.repeats)
     report.load_after = load_line("after ")
     report.checks = agreement_checks(report, layers)
     return report

@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bench_common import configure_threads, print_machine, rayon_threads
+from bench_common import TimedCall, configure_threads, parse_dims, print_machine, rayon_threads, time_interleaved
 
 if TYPE_CHECKING:
     import torch
@@ -82,16 +81,6 @@ class ShapeReport:
 # --------------------------------------------------------------------------- arguments / threads
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}; expected e.g. 4096x4096") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}; dimensions must be positive")
-    return dims
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="threads for qlorakit (rayon) and torch/OpenMP")
@@ -114,7 +103,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--repeats and --slow-repeats must be >= 1")
     if args.shapes:
         try:
-            args.shapes = [parse_shape(s) for item in args.shapes for s in item.split(",") if s]
+            args.shapes = [parse_dims(s, "shape", "4096x4096") for item in args.shapes for s in item.split(",") if s]
         except argparse.ArgumentTypeError as exc:
             parser.error(str(exc))
     else:
@@ -147,7 +136,7 @@ def print_environment(threads: int | None) -> None:
 
 
 @dataclass
-class Candidate:
+class Candidate(TimedCall):
     """A timed callable; ``tag`` groups it for the ratio column ('bnb' marks the anchor)."""
 
     op: str
@@ -158,29 +147,8 @@ class Candidate:
     reps: int = 0
     last: Any = None
 
-    def time_once(self) -> None:
-        start = time.perf_counter()
-        self.last = self.fn()
-        self.best = min(self.best, time.perf_counter() - start)
-        self.reps += 1
-
     def result(self, numel: int) -> Result:
         return Result(self.op, self.impl, self.reps, self.best, numel)
-
-
-def time_interleaved(candidates: Sequence[Candidate], rounds: int) -> None:
-    """One untimed warm-up call each, then ``rounds`` round-robin timed calls.
-
-    Interleaving makes a burst of load from another process hit every candidate alike
-    instead of all repetitions of one of them; the pause before each call keeps the
-    previous library's spinning pool threads (rayon, OpenMP) off the cores.
-    """
-    for cand in candidates:
-        cand.last = cand.fn()
-    for _ in range(rounds):
-        for cand in candidates:
-            time.sleep(PAUSE_S)
-            cand.time_once()
 
 
 def time_repeated(cand: Candidate, repeats: int) -> None:
@@ -336,7 +304,7 @@ def bench_shape(shape: tuple[int, ...], args: argparse.Namespace) -> ShapeReport
     copy = copy_candidate(x)
     quant_fast, quant_slow = quantize_candidates(x)
     dequant = dequantize_candidates(packed)
-    time_interleaved([copy, *quant_fast, *dequant], args.repeats)
+    time_interleaved([copy, *quant_fast, *dequant], args.repeats, PAUSE_S)
     for cand in quant_slow:
         time_repeated(cand, args.slow_repeats)
     rows: list[tuple[Result, Result | None]] = [(copy.result(n), None)]

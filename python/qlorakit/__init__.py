@@ -13,6 +13,7 @@ from qlorakit.checkpoint import QuantizeReport, inspect_checkpoint, quantize_che
 from qlorakit.errors import CheckpointError, NonFiniteError, QlorakitError, QuantizationError
 
 if TYPE_CHECKING:
+    from qlorakit import nn, optim  # noqa: F401  (reached through __getattr__)
     from qlorakit.hf_quantizer import QuantizationConfig
     from qlorakit.importance import collect_importance, save_importance
     from qlorakit.loading import from_pretrained, load_packed
@@ -43,13 +44,22 @@ _LAZY = {
     "save_merged": "qlorakit.training",
 }
 
+#: Subpackages that import torch, reachable as attributes (``qlorakit.nn.Linear4bit``) on first use.
+_LAZY_SUBPACKAGES = ("nn", "optim")
+
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _LAZY_SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")  # also binds it in this module
     raise AttributeError(f"module 'qlorakit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_LAZY_SUBPACKAGES})
 
 
 __all__ = [

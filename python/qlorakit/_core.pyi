@@ -8,6 +8,8 @@ __version__: str
 NF4_CODE: list[float]
 FP4_CODE: list[float]
 DYNAMIC_MAP: list[float]
+QUANT_TYPES: list[str]
+QUANT_STATE_MARKER: str
 BLOCKSIZES: list[int]
 DEFAULT_BLOCKSIZE: int
 GEMV_SIMD: bool

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlorakit import __version__, _core
-from qlorakit._core import CheckpointError
-from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, QUANT_STATE_MARKER, QUANT_TYPES
+from qlorakit import _core
+from qlorakit._core import CheckpointError, __version__
+from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, DEFAULT_MAX_SHARD_SIZE, QUANT_STATE_MARKER, QUANT_TYPES
 from qlorakit.hf_files import COMPUTE_DTYPES, copy_other_files, quantization_config, write_config
 from qlorakit.progress import ProgressBar, human_bytes
 from qlorakit.selection import Plan, Selection, kept_summary, same_work
@@ -142,7 +142,7 @@ def quantize_checkpoint(
     scale_search: bool = False,
     importance: str | os.PathLike | None = None,
     threads: int | None = None,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
     progress: ProgressCallback | bool = False,
     durable: bool = True,

@@ -14,7 +14,7 @@ from pathlib import Path
 from qlorakit import __version__
 from qlorakit.checkpoint import inspect_checkpoint, parse_size, quantize_checkpoint, verify_checkpoint
 from qlorakit.errors import QlorakitError
-from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, QUANT_TYPES
+from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, DEFAULT_MAX_SHARD_SIZE, QUANT_TYPES
 from qlorakit.hf_files import COMPUTE_DTYPES
 
 #: Layers of the embedded default checkpoint (TinyLlama-1.1B's shape; 438 MB in bf16).
@@ -254,9 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument(
         "--max-shard-size",
         type=shard_size,
-        default="5GB",
+        default=DEFAULT_MAX_SHARD_SIZE,
         metavar="SIZE",
-        help="largest output file, e.g. 5GB, 500MB (default 5GB)",
+        help=f"largest output file, e.g. 5GB, 500MB (default {DEFAULT_MAX_SHARD_SIZE})",
     )
     quantize.add_argument("--force", action="store_true", help="replace DST if it exists")
     quantize.add_argument("--quiet", action="store_true", help="no progress bar or summary")

@@ -6,10 +6,15 @@ from __future__ import annotations
 
 from qlorakit import _core
 
-QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
+#: The 4-bit data types, in the order of their codes in the kernels (``nf4`` = 0, ``fp4`` = 1).
+QUANT_TYPES: tuple[str, ...] = tuple(_core.QUANT_TYPES)
 BLOCKSIZES: tuple[int, ...] = tuple(_core.BLOCKSIZES)
 DEFAULT_BLOCKSIZE: int = _core.DEFAULT_BLOCKSIZE
 NESTED_BLOCKSIZE: int = _core.NESTED_BLOCKSIZE
 
 #: What a weight's key is followed by in the key of its quant_state JSON tensor (then ``nf4``/``fp4``).
-QUANT_STATE_MARKER = ".quant_state.bitsandbytes__"
+QUANT_STATE_MARKER: str = _core.QUANT_STATE_MARKER
+
+#: Default largest output file of ``quantize_checkpoint`` / ``qlorakit quantize`` (transformers'
+#: ``save_pretrained`` default too). A Python option default: the Rust pipeline takes bytes.
+DEFAULT_MAX_SHARD_SIZE = "5GB"

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from qlorakit.formats import DEFAULT_MAX_SHARD_SIZE
+
 INIT_STD = 0.02
 TINYLLAMA_LAYERS = 22
 
@@ -70,7 +72,9 @@ def fill_weights(model: LlamaForCausalLM, base_seed: int) -> int:
     return count
 
 
-def write_synthetic_llama(out: Path, layers: int = TINYLLAMA_LAYERS, seed: int = 0, max_shard_size: str = "5GB") -> int:
+def write_synthetic_llama(
+    out: Path, layers: int = TINYLLAMA_LAYERS, seed: int = 0, max_shard_size: str = DEFAULT_MAX_SHARD_SIZE
+) -> int:
     """Writes the checkpoint as a Hugging Face directory; returns the parameter count."""
     model = empty_model(tinyllama_config(layers))
     params = fill_weights(model, seed)

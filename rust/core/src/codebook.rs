@@ -53,6 +53,9 @@ pub enum QuantType {
 }
 
 impl QuantType {
+    /// Every 4-bit data type, in the order of their codes in the kernels (`nf4` = 0, `fp4` = 1).
+    pub const ALL: [QuantType; 2] = [QuantType::Nf4, QuantType::Fp4];
+
     /// The name bitsandbytes uses (`"nf4"`, `"fp4"`).
     pub fn name(self) -> &'static str {
         match self {

@@ -22,7 +22,7 @@ const TASK_LEN: usize = 32_768;
 const ABSMAX_FLOOR: f32 = 1e-38;
 /// Largest relative error of rounding to f32.
 const F32_UNIT_ROUNDOFF: f64 = 1.0 / (1u64 << 24) as f64;
-const QUANT_TYPES: [QuantType; 2] = [QuantType::Nf4, QuantType::Fp4];
+const QUANT_TYPES: [QuantType; 2] = QuantType::ALL;
 /// Independent random inputs per configuration in the randomized tests (more where the
 /// optimized build makes them cheap).
 const ROUNDS: usize = if cfg!(debug_assertions) { 1 } else { 4 };

@@ -14,7 +14,7 @@ mod common;
 
 use common::Rng;
 
-const QUANT_TYPES: [QuantType; 2] = [QuantType::Nf4, QuantType::Fp4];
+const QUANT_TYPES: [QuantType; 2] = QuantType::ALL;
 const KERNELS: [GemvKernel; 2] = [GemvKernel::Portable, GemvKernel::Avx512];
 /// Unit roundoff of float32.
 const F32_UNIT_ROUNDOFF: f64 = 1.0 / (1u64 << 24) as f64;

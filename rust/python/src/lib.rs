@@ -380,6 +380,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NF4_CODE", code_values(&core::NF4_CODE_BITS))?;
     m.add("FP4_CODE", code_values(&core::FP4_CODE_BITS))?;
     m.add("DYNAMIC_MAP", code_values(&core::DYNAMIC_MAP_BITS))?;
+    m.add("QUANT_TYPES", QuantType::ALL.map(QuantType::name).to_vec())?;
+    m.add(
+        "QUANT_STATE_MARKER",
+        qlorakit_core::checkpoint::quant_state::QUANT_STATE_MARKER,
+    )?;
     m.add("BLOCKSIZES", core::BLOCKSIZES.to_vec())?;
     m.add("DEFAULT_BLOCKSIZE", core::DEFAULT_BLOCKSIZE)?;
     // Whether gemv_4bit runs a SIMD kernel on this CPU (else the portable one, slower than

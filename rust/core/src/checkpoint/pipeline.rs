@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 
 use super::error::{CheckpointError, Result};
 use super::importance::ImportanceFile;
-use super::quant_state::QuantState;
+use super::quant_state::{quant_state_key, QuantState};
 use super::safetensors::{Dtype, SafetensorsFile, TensorInfo};
 use super::source::{Source, INDEX_FILE, SINGLE_FILE};
 use super::writer::{EntrySpec, ShardWriter};
@@ -176,7 +176,7 @@ pub fn quantize_checkpoint(
         let variable: Vec<String> = members
             .iter()
             .filter(|&&i| plan[i].quantize)
-            .map(|&i| quant_state_name(&plan[i].info.name, options.quant_type))
+            .map(|&i| quant_state_key(&plan[i].info.name, options.quant_type))
             .collect();
         for name in fixed.iter().map(|e| &e.name).chain(&variable) {
             weight_map.insert(name.clone(), file_name.clone());
@@ -222,10 +222,6 @@ pub fn quantize_checkpoint(
         shards: shard_files,
         seconds: start.elapsed().as_secs_f64(),
     })
-}
-
-fn quant_state_name(weight: &str, quant_type: QuantType) -> String {
-    format!("{weight}.quant_state.bitsandbytes__{}", quant_type.name())
 }
 
 fn plan_tensors<'a>(
@@ -486,7 +482,7 @@ impl Workspace {
         };
         let json = state.to_json().into_bytes();
         let json_len = json.len();
-        writer.push_variable(format!("{name}.{}", state.key_suffix()), json);
+        writer.push_variable(state.key(name), json);
         let scales = if nested_offset.is_some() {
             &self.decoded_absmax
         } else {

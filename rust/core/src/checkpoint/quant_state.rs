@@ -4,6 +4,15 @@
 use crate::codebook::QuantType;
 use crate::layout::{Blocksize, NESTED_BLOCKSIZE};
 
+/// What a weight's key is followed by in the key of its quant_state tensor (then `nf4`/`fp4`):
+/// `X.weight.quant_state.bitsandbytes__nf4`. Python reads it as `qlorakit.formats.QUANT_STATE_MARKER`.
+pub const QUANT_STATE_MARKER: &str = ".quant_state.bitsandbytes__";
+
+/// The key of the quant_state tensor of the weight `weight` (e.g. `X.weight`).
+pub fn quant_state_key(weight: &str, quant_type: QuantType) -> String {
+    format!("{weight}{QUANT_STATE_MARKER}{}", quant_type.name())
+}
+
 /// What a quant_state records about one quantized weight.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantState<'a> {
@@ -46,9 +55,9 @@ impl QuantState<'_> {
         json
     }
 
-    /// The tensor name suffix bitsandbytes uses for this state.
-    pub fn key_suffix(&self) -> String {
-        format!("quant_state.bitsandbytes__{}", self.quant_type.name())
+    /// The key of this state's tensor beside the weight `weight` (e.g. `X.weight`).
+    pub fn key(&self, weight: &str) -> String {
+        quant_state_key(weight, self.quant_type)
     }
 }
 
