@@ -5,7 +5,9 @@ by all layers of that shape; on CUDA by the CuPy kernels) and multiplied; nothin
 An input of a single row (batch-1 decoding) skips the dequantized weight altogether where a fused
 dequantize-and-multiply kernel exists (CUDA; the CPU with AVX-512): it reads the 4-bit codes once.
 Backward: the gradient with respect to the input is computed by dequantizing again (the full
-weight is not kept from the forward); the frozen weight gets no gradient.
+weight is not kept from the forward); the frozen weight gets no gradient. Both go through the ops
+:mod:`qlorakit.ops` registers with ``torch.library`` (``qlorakit::linear_4bit``), so ``torch.compile``
+traces the layer without a graph break.
 
 State dict: bitsandbytes' serialization of a 4-bit weight (``weight``, ``weight.absmax``,
 ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
@@ -19,38 +21,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qlorakit import ops
 from qlorakit._core import QuantizationError
-from qlorakit.nn.dispatch import dequantize_weight, matvec_weight
+from qlorakit.nn.dispatch import dequantize_weight
 from qlorakit.packed import SERIALIZED_SUFFIXES, PackedWeight
 from qlorakit.quantization import quantize
 
 #: The buffers that hold a layer's 4-bit weight (its state dict holds bitsandbytes' names instead).
 _WEIGHT_BUFFERS = ("packed", "absmax", "nested_absmax")
-
-
-class _Linear4bitFunction(torch.autograd.Function):
-    """y = x W^T + b with W rebuilt from the packed layer on each pass."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: Linear4bit, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
-        ctx.layer = layer
-        ctx.has_bias = bias is not None
-        packed = layer.packed_weight()
-        out = matvec_weight(packed, x, bias)
-        if out is not None:
-            return out
-        weight = dequantize_weight(packed, x.dtype, reuse=True)
-        return torch.nn.functional.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # noqa: ANN001, ANN205
-        grad_input = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            weight = dequantize_weight(ctx.layer.packed_weight(), grad_output.dtype, reuse=True)
-            grad_input = grad_output @ weight
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
-        return grad_input, None, grad_bias
 
 
 class Linear4bit(nn.Linear):
@@ -228,7 +206,7 @@ class Linear4bit(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        out = _Linear4bitFunction.apply(x.to(self.compute_dtype), self, bias)
+        out = ops.linear_4bit(x.to(self.compute_dtype), *ops.weight_args(self.packed_weight()), bias)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
