@@ -47,10 +47,12 @@ def test_opcheck(double_quant: bool) -> None:
     packed = layer(double_quant=double_quant).packed_weight()
     x = torch.randn(3, 5, 256, requires_grad=True)
     bias = torch.randn(128)
-    torch.library.opcheck(ops.linear_4bit, (x, *ops.weight_args(packed), bias))
-    torch.library.opcheck(ops.linear_4bit, (x[0, :1], *ops.weight_args(packed), None))
-    torch.library.opcheck(ops.dequantize_4bit, (*ops.weight_args(packed), torch.bfloat16))
-    torch.library.opcheck(ops.linear_4bit_grad_input, (torch.randn(4, 128), *ops.weight_args(packed)))
+    weight = ops.weight_args(packed)
+    torch.library.opcheck(torch.ops.qlorakit.linear_4bit.default, (x, *weight, bias))
+    torch.library.opcheck(torch.ops.qlorakit.linear_4bit.default, (x[0, :1], *weight, None))
+    torch.library.opcheck(torch.ops.qlorakit.dequantize_4bit.default, (*weight, torch.bfloat16))
+    torch.library.opcheck(torch.ops.qlorakit.linear_4bit_grad_input.default, (torch.randn(4, 128), *weight))
+    assert torch.equal(ops.dequantize_4bit(packed, torch.float32), qlorakit.dequantize(packed, torch.float32))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

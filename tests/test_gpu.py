@@ -253,3 +253,24 @@ def test_short_qlora_training_run_on_cuda(tmp_path, monkeypatch):
     # the CPU run (same init, same batches; only float32 summation order differs between the devices).
     assert np.mean(gpu[-10:]) < 0.95 * gpu[0], (gpu[0], gpu[-10:])
     assert abs(np.mean(gpu[-10:]) - np.mean(cpu[-10:])) < 0.01 * np.mean(cpu[-10:]), (gpu[-10:], cpu[-10:])
+
+
+@pytest.mark.gpu
+def test_public_dequantize_and_compile_on_cuda(monkeypatch):
+    """``qlorakit.dequantize`` takes CUDA weights (through the op registry) and ``torch.compile`` traces
+    ``Linear4bit`` on CUDA without a graph break, equal to eager."""
+    torch.manual_seed(0)
+    packed = qlorakit.quantize(torch.randn(3, 64, 96).to(torch.bfloat16))
+    assert_bits_equal(qlorakit.dequantize(to_cuda(packed), torch.bfloat16), qlorakit.dequantize(packed, torch.bfloat16))
+    layer = Linear4bit.from_linear(torch.nn.Linear(256, 128), compute_dtype=torch.float32).cuda()
+    x = torch.randn(8, 256, device="cuda", requires_grad=True)
+    expected = layer(x)
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")  # conftest disables dynamo for the rest of the suite
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(disable=False):
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(layer)(x.detach())
+    torch._dynamo.reset()
+    assert torch.equal(compiled, expected)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1

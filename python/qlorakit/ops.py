@@ -3,20 +3,19 @@ kernel per device and a fake kernel (output shapes only) that tracing uses, so `
 ``torch.export`` and functionalization see each op as one node instead of a graph break at an
 opaque Rust or CuPy call (bitsandbytes registers its ops the same way).
 
-- ``qlorakit::dequantize_4bit``: the weight in a float dtype.
+- ``qlorakit::dequantize_4bit``: the weight in a float dtype (a fresh tensor).
 - ``qlorakit::linear_4bit``: ``x W^T + b``, differentiable in ``x`` and ``b``. One row takes the fused
   dequantize-and-multiply kernel where there is one; more rows dequantize into a per-thread scratch
   buffer and multiply. Its backward is ``qlorakit::linear_4bit_grad_input`` (``grad W``, the weight
   dequantized again, never kept from the forward) and a sum for the bias.
 
-The kernels: on the CPU the Rust core, on CUDA qlorakit's CuPy kernels (:mod:`qlorakit.nn.dispatch`
-holds both backends). A 4-bit weight enters every op as the same arguments, taken from a
-:class:`~qlorakit.packed.PackedWeight` by :func:`weight_args`.
+Every op takes a 4-bit weight as the same arguments (:data:`WEIGHT_SCHEMA`, in the order
+:func:`weight_args` gives them from a :class:`~qlorakit.packed.PackedWeight`); the Python functions
+below take the ``PackedWeight`` itself. The kernels: on the CPU the Rust core, on CUDA qlorakit's CuPy
+kernels (:mod:`qlorakit.nn.dispatch` holds both backends).
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 
@@ -24,11 +23,19 @@ from qlorakit.packed import PackedWeight
 
 #: The devices with a kernel for every op.
 DEVICES = ("cpu", "cuda")
+#: A 4-bit weight in the ops' schemas.
+WEIGHT_SCHEMA = (
+    "Tensor codes, Tensor absmax, Tensor? nested_absmax, float offset, ScalarType nested_dtype, "
+    "str quant_type, int blocksize, int out_features, int in_features"
+)
+
+torch.library.define("qlorakit::dequantize_4bit", f"({WEIGHT_SCHEMA}, ScalarType dtype) -> Tensor")
+torch.library.define("qlorakit::linear_4bit", f"(Tensor x, {WEIGHT_SCHEMA}, Tensor? bias) -> Tensor")
+torch.library.define("qlorakit::linear_4bit_grad_input", f"(Tensor grad_output, {WEIGHT_SCHEMA}) -> Tensor")
 
 
 def weight_args(packed: PackedWeight) -> tuple:
-    """``packed`` as the ops' weight arguments: ``(codes, absmax, nested_absmax, offset, nested_dtype,
-    quant_type, blocksize, out_features, in_features)``."""
+    """``packed`` as the ops' weight arguments (:data:`WEIGHT_SCHEMA`)."""
     out_features, in_features = packed.shape
     offset = float(packed.offset) if packed.offset is not None else 0.0
     return (
@@ -44,23 +51,15 @@ def weight_args(packed: PackedWeight) -> tuple:
     )
 
 
-def _packed(
-    codes: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    offset: float,
-    nested_dtype: torch.dtype,
-    quant_type: str,
-    blocksize: int,
-    shape: Sequence[int],
-    dtype: torch.dtype,
-) -> PackedWeight:
+def _from_args(weight: tuple, dtype: torch.dtype) -> PackedWeight:
+    """The inverse of :func:`weight_args`; ``dtype``: the dtype the weight is used in."""
+    codes, absmax, nested_absmax, offset, nested_dtype, quant_type, blocksize, out_features, in_features = weight
     return PackedWeight(
         packed=codes,
         absmax=absmax,
         quant_type=quant_type,
         blocksize=blocksize,
-        shape=tuple(shape),
+        shape=(out_features, in_features),
         dtype=dtype,
         nested_absmax=nested_absmax,
         offset=offset if nested_absmax is not None else None,
@@ -68,92 +67,72 @@ def _packed(
     )
 
 
-@torch.library.custom_op("qlorakit::dequantize_4bit", mutates_args=(), device_types=DEVICES)
-def dequantize_4bit(
-    codes: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    offset: float,
-    nested_dtype: torch.dtype,
-    quant_type: str,
-    blocksize: int,
-    out_features: int,
-    in_features: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """The weight ``[out_features, in_features]`` in ``dtype`` (a fresh tensor)."""
+def dequantize_4bit(packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The 2-D weight ``[out_features, in_features]`` in ``dtype``, on its device."""
+    return torch.ops.qlorakit.dequantize_4bit(*weight_args(packed), dtype)
+
+
+def linear_4bit(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + b`` for ``x`` ``[..., in_features]`` in a float dtype; ``b`` in ``x``'s dtype."""
+    return torch.ops.qlorakit.linear_4bit(x, *weight_args(packed), bias)
+
+
+# --- kernels: one function per op, registered for every device of DEVICES
+
+
+@torch.library.register_kernel("qlorakit::dequantize_4bit", DEVICES)
+def _dequantize_kernel(*args: object) -> torch.Tensor:
     from qlorakit.nn.dispatch import dequantize_weight
 
-    args = (codes, absmax, nested_absmax, offset, nested_dtype, quant_type, blocksize)
-    return dequantize_weight(_packed(*args, (out_features, in_features), dtype), dtype)
+    *weight, dtype = args
+    return dequantize_weight(_from_args(tuple(weight), dtype), dtype)
 
 
-@dequantize_4bit.register_fake
-def _dequantize_4bit_fake(codes: torch.Tensor, *args: object) -> torch.Tensor:
-    *_, out_features, in_features, dtype = args
-    return codes.new_empty((out_features, in_features), dtype=dtype)
-
-
-@torch.library.custom_op("qlorakit::linear_4bit", mutates_args=(), device_types=DEVICES)
-def linear_4bit(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    offset: float,
-    nested_dtype: torch.dtype,
-    quant_type: str,
-    blocksize: int,
-    out_features: int,
-    in_features: int,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """``x W^T + b`` for ``x`` ``[..., in_features]`` in a float dtype; ``b`` in ``x``'s dtype."""
+@torch.library.register_kernel("qlorakit::linear_4bit", DEVICES)
+def _linear_kernel(x: torch.Tensor, *args: object) -> torch.Tensor:
     from qlorakit.nn.dispatch import dequantize_weight, matvec_weight
 
-    args = (codes, absmax, nested_absmax, offset, nested_dtype, quant_type, blocksize)
-    packed = _packed(*args, (out_features, in_features), x.dtype)
+    *weight, bias = args
+    packed = _from_args(tuple(weight), x.dtype)
     out = matvec_weight(packed, x, bias)
     if out is not None:
         return out
     return torch.nn.functional.linear(x, dequantize_weight(packed, x.dtype, reuse=True), bias)
 
 
-@linear_4bit.register_fake
-def _linear_4bit_fake(x: torch.Tensor, *args: object) -> torch.Tensor:
+@torch.library.register_kernel("qlorakit::linear_4bit_grad_input", DEVICES)
+def _linear_grad_input_kernel(grad_output: torch.Tensor, *weight: object) -> torch.Tensor:
+    from qlorakit.nn.dispatch import dequantize_weight
+
+    packed = _from_args(weight, grad_output.dtype)
+    return grad_output @ dequantize_weight(packed, grad_output.dtype, reuse=True)
+
+
+# --- fake kernels: output shapes for tracing
+
+
+@torch.library.register_fake("qlorakit::dequantize_4bit")
+def _dequantize_fake(codes: torch.Tensor, *args: object) -> torch.Tensor:
+    *_, out_features, in_features, dtype = args
+    return codes.new_empty((out_features, in_features), dtype=dtype)
+
+
+@torch.library.register_fake("qlorakit::linear_4bit")
+def _linear_fake(x: torch.Tensor, *args: object) -> torch.Tensor:
     *_, out_features, _in_features, _bias = args
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-@torch.library.custom_op("qlorakit::linear_4bit_grad_input", mutates_args=(), device_types=DEVICES)
-def linear_4bit_grad_input(
-    grad_output: torch.Tensor,
-    codes: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    offset: float,
-    nested_dtype: torch.dtype,
-    quant_type: str,
-    blocksize: int,
-    out_features: int,
-    in_features: int,
-) -> torch.Tensor:
-    """``grad_output W`` (``[..., in_features]``): the gradient of ``x W^T`` with respect to ``x``."""
-    from qlorakit.nn.dispatch import dequantize_weight
-
-    args = (codes, absmax, nested_absmax, offset, nested_dtype, quant_type, blocksize)
-    packed = _packed(*args, (out_features, in_features), grad_output.dtype)
-    return grad_output @ dequantize_weight(packed, grad_output.dtype, reuse=True)
+@torch.library.register_fake("qlorakit::linear_4bit_grad_input")
+def _linear_grad_input_fake(grad_output: torch.Tensor, *args: object) -> torch.Tensor:
+    return grad_output.new_empty((*grad_output.shape[:-1], args[-1]))
 
 
-@linear_4bit_grad_input.register_fake
-def _linear_4bit_grad_input_fake(grad_output: torch.Tensor, *args: object) -> torch.Tensor:
-    in_features = args[-1]
-    return grad_output.new_empty((*grad_output.shape[:-1], in_features))
+# --- autograd of linear_4bit: the input's gradient by the grad_input op, the bias's by a sum
 
 
 def _setup_linear_context(ctx, inputs: tuple, output: torch.Tensor) -> None:  # noqa: ANN001
-    x, codes, absmax, nested_absmax, *scalars, bias = inputs
+    _x, codes, absmax, nested_absmax, *scalars, bias = inputs
     ctx.save_for_backward(codes, absmax, nested_absmax)
     ctx.scalars = scalars
     ctx.has_bias = bias is not None
@@ -163,10 +142,11 @@ def _linear_backward(ctx, grad_output: torch.Tensor) -> tuple:  # noqa: ANN001
     codes, absmax, nested_absmax = ctx.saved_tensors
     grad_input = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_input = linear_4bit_grad_input(grad_output, codes, absmax, nested_absmax, *ctx.scalars)
+        weight = (codes, absmax, nested_absmax, *ctx.scalars)
+        grad_input = torch.ops.qlorakit.linear_4bit_grad_input(grad_output, *weight)
     if ctx.has_bias and ctx.needs_input_grad[-1]:
         grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
     return (grad_input, *([None] * (len(ctx.needs_input_grad) - 2)), grad_bias)
 
 
-linear_4bit.register_autograd(_linear_backward, setup_context=_setup_linear_context)
+torch.library.register_autograd("qlorakit::linear_4bit", _linear_backward, setup_context=_setup_linear_context)

@@ -6,6 +6,7 @@ memory of the given tensor or array; nothing is copied on the way in.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -176,9 +177,12 @@ def dequantize(
     ``dtype``: float32, bfloat16 or float16 (default: the original dtype). ``out``: a
     contiguous CPU tensor of that shape and dtype to write into (reused buffers are much
     faster than fresh allocations). Each element is ``code * absmax`` in float32,
-    rounded once to ``dtype`` — equal to bitsandbytes' ``dequantize_4bit``.
+    rounded once to ``dtype`` — equal to bitsandbytes' ``dequantize_4bit``. A weight on a CUDA device
+    is decoded there by the ``qlorakit::dequantize_4bit`` op (CuPy kernels, bit-identical to the CPU).
     """
     dtype = dtype or (out.dtype if out is not None else packed.dtype)
+    if packed.packed.device.type != "cpu":
+        return _dequantize_on_device(packed, dtype, out)
     if out is None:
         out = torch.empty(packed.shape, dtype=dtype)
     elif out.dtype != dtype or tuple(out.shape) != tuple(packed.shape):
@@ -196,3 +200,20 @@ def dequantize(
         dtype_name,
     )
     return out
+
+
+def _dequantize_on_device(packed: PackedWeight, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    """:func:`dequantize` of a weight that is not on the CPU, through the op registry (any shape: the op
+    decodes a flat ``[1, numel]`` view)."""
+    from qlorakit import ops
+
+    flat = dataclasses.replace(packed, shape=(1, packed.numel))
+    result = ops.dequantize_4bit(flat, dtype).reshape(packed.shape)
+    if out is None:
+        return result
+    if out.dtype != dtype or tuple(out.shape) != tuple(packed.shape) or out.device != result.device:
+        raise QuantizationError(
+            f"out: expected shape {list(packed.shape)}, dtype {dtype} on {result.device}, "
+            f"got {list(out.shape)} {out.dtype} on {out.device}"
+        )
+    return out.copy_(result)

@@ -206,7 +206,7 @@ class Linear4bit(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        out = ops.linear_4bit(x.to(self.compute_dtype), *ops.weight_args(self.packed_weight()), bias)
+        out = ops.linear_4bit(x.to(self.compute_dtype), self.packed_weight(), bias)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
