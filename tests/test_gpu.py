@@ -69,13 +69,17 @@ def test_launch_refuses_python_scalars_and_cpu_tensors(monkeypatch):
 
 @pytest.mark.parametrize("nested_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_nested_scales_decode_like_the_cpu_path(nested_dtype: torch.dtype):
-    """Files bitsandbytes wrote with a non-float32 nested_dtype: the CUDA path decodes their scales with torch
-    ops spelled out step by step; on the CPU they must equal the CPU path's decode bit for bit."""
-    from qlorakit.kernels.cuda_ops import _decode_absmax_low_precision
+    """Files bitsandbytes wrote with a non-float32 nested_dtype: one decode serves the CPU and the CUDA path,
+    its steps spelled out so no device's type promotion changes the rounding; on the CPU it equals torch's
+    implicit mixed-dtype arithmetic (what bitsandbytes runs; tests/test_double_quant.py checks bitsandbytes)."""
+    from qlorakit.formats import NESTED_BLOCKSIZE
+    from qlorakit.tables import dynamic_map
 
     packed = qlorakit.quantize(torch.randn(64 * 700, generator=torch.Generator().manual_seed(3)), "nf4", 64, True)
     packed.nested_dtype = nested_dtype
-    assert torch.equal(_decode_absmax_low_precision(packed), qlorakit.decode_absmax(packed))
+    scales = packed.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: packed.absmax.numel()]
+    implicit = (dynamic_map()[packed.absmax.long()] * scales).to(nested_dtype) + torch.tensor(packed.offset)
+    assert torch.equal(qlorakit.decode_absmax(packed), implicit.float())
 
 
 # ---- on a GPU

@@ -144,7 +144,7 @@ def decode_absmax(packed: PackedWeight) -> torch.Tensor:
     if packed.nested_absmax is None:
         return packed.absmax.float().contiguous()
     if packed.nested_dtype != torch.float32:
-        return _decode_absmax_low_precision(packed)
+        return decode_absmax_low_precision(packed)
     out = torch.empty(packed.absmax.numel(), dtype=torch.float32)
     _core.dequantize_absmax(
         byte_view(packed.absmax.contiguous(), "nested codes"),
@@ -155,15 +155,21 @@ def decode_absmax(packed: PackedWeight) -> torch.Tensor:
     return out
 
 
-def _decode_absmax_low_precision(packed: PackedWeight) -> torch.Tensor:
+def decode_absmax_low_precision(packed: PackedWeight) -> torch.Tensor:
     """Scales of a file that records a non-float32 ``nested_dtype`` (bitsandbytes writes
     ``"bfloat16"`` after a CPU inference pass): bitsandbytes decodes the nested level to
-    that dtype, adds the offset in it, then widens to float32; we do the same."""
+    that dtype, adds the offset in it, then widens to float32; we do the same, on the scales'
+    device (the CUDA path uses this too). Each step is spelled out so that the rounding does not
+    depend on a device's type-promotion rules: ``map[code] * scale`` in float32, rounded to the
+    nested dtype; the offset rounded to it; their float32 sum rounded to it; widened to float32."""
     assert packed.nested_absmax is not None and packed.offset is not None
+    device = packed.absmax.device
+    nested_dtype = packed.nested_dtype
     codes = packed.absmax.long()
     scales = packed.nested_absmax.float().repeat_interleave(NESTED_BLOCKSIZE)[: codes.numel()]
-    decoded = (dynamic_map()[codes] * scales).to(packed.nested_dtype)
-    return (decoded + torch.tensor(packed.offset, dtype=torch.float32)).float()
+    decoded = (dynamic_map().to(device)[codes] * scales).to(nested_dtype)
+    offset = torch.tensor(packed.offset, dtype=torch.float32).to(nested_dtype).float().to(device)
+    return (decoded.float() + offset).to(nested_dtype).float()
 
 
 def dequantize(

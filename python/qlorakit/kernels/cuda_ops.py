@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from qlorakit.errors import QlorakitError
-from qlorakit.formats import NESTED_BLOCKSIZE
 from qlorakit.kernels.cupy_loader import get_kernel, launch
 from qlorakit.kernels.launches import (
     DEQUANTIZE_ALIGNMENT,
@@ -19,7 +18,8 @@ from qlorakit.kernels.launches import (
     gemv_4bit_launch,
 )
 from qlorakit.packed import PackedWeight
-from qlorakit.tables import dtype_name, dynamic_map
+from qlorakit.quantization import decode_absmax_low_precision
+from qlorakit.tables import dtype_name
 
 #: Compute dtypes the kernels read and write.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -44,23 +44,8 @@ def _scales(packed: PackedWeight, device: torch.device) -> tuple[torch.Tensor, t
     if packed.nested_absmax is None:
         return packed.absmax.float().contiguous(), None, None
     if packed.nested_dtype != torch.float32:
-        return _decode_absmax_low_precision(packed), None, None
+        return decode_absmax_low_precision(packed), None, None
     return packed.absmax.contiguous(), packed.nested_absmax.float().contiguous(), float(packed.offset)  # type: ignore[arg-type]
-
-
-def _decode_absmax_low_precision(packed: PackedWeight) -> torch.Tensor:
-    """The float32 scales of a file recording a non-float32 ``nested_dtype``, with the same operations as the
-    CPU path (``qlorakit.quantization._decode_absmax_low_precision``), each spelled out so that the rounding
-    does not depend on the device's type-promotion rules: ``map[code] * scale`` in float32, rounded to the
-    nested dtype; the offset rounded to it; their float32 sum rounded to it; widened to float32."""
-    assert packed.nested_absmax is not None and packed.offset is not None
-    device = packed.absmax.device
-    nested_dtype = packed.nested_dtype
-    codes = packed.absmax.long()
-    scales = packed.nested_absmax.float().repeat_interleave(NESTED_BLOCKSIZE)[: codes.numel()]
-    decoded = (dynamic_map().to(device)[codes] * scales).to(nested_dtype)
-    offset = torch.tensor(packed.offset, dtype=torch.float32).to(nested_dtype).float().to(device)
-    return (decoded.float() + offset).to(nested_dtype).float()
 
 
 def dequantize_4bit(packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
