@@ -3,10 +3,10 @@
     python tools/check_kernels.py                  # NVRTC 12 and 13, sm_80 and sm_90 (what CI runs)
     python tools/check_kernels.py --nvrtc 13 --arch sm_90
 
-Each ``cuda/*.cu`` file (``qlorakit.kernels.kernel_files()``, so a new file needs no registration) is compiled
-once per ``// qlorakit: variant`` line, architecture and NVRTC, from exactly the source CuPy compiles at run
-time (``qlorakit.kernels.kernel_source``) with CuPy's effective options (``NVRTC_OPTIONS`` plus the
-``-ftz=true`` CuPy appends). Any error **or warning** fails the run (exit status 1), with NVRTC's log.
+Each ``qlorakit/kernels/cuda/*.cu`` file (``qlorakit.kernels.kernel_files()``, so a new file needs no
+registration) is compiled once per ``// qlorakit: variant`` line, architecture and NVRTC, from exactly the source
+CuPy compiles at run time (``qlorakit.kernels.kernel_source``) with CuPy's effective options (``NVRTC_OPTIONS``
+plus the ``-ftz=true`` CuPy appends). Any error **or warning** fails the run (exit status 1), with NVRTC's log.
 
 The NVRTCs: 13 through ``cuda-bindings`` (``cuda.bindings.nvrtc``, with the ``nvidia-cuda-nvrtc`` wheel) and
 12 through ``ctypes`` from the ``nvidia-cuda-nvrtc-cu12`` wheel (``nvidia/cuda_nvrtc/lib/libnvrtc.so.12``):

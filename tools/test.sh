@@ -14,6 +14,17 @@ cargo test -p qlorakit-core --release
 echo "== wheel into a fresh venv"
 bash tools/setup_env.sh --test .venv-test
 
+echo "== wheel contents: the kernel sources as package data, no test code (the CPU-emulation shim)"
+.venv-test/bin/python - dist/qlorakit-*.whl <<'PY'
+import pathlib, sys, zipfile
+names = set(zipfile.ZipFile(sys.argv[1]).namelist())
+sources = sorted(p.name for p in pathlib.Path("python/qlorakit/kernels/cuda").glob("*.cu*"))
+missing = [f for f in sources if f"qlorakit/kernels/cuda/{f}" not in names]
+test_code = sorted(n for n in names if "shim" in n or "emulation" in n)
+assert sources and not missing and not test_code, f"missing from the wheel: {missing}; test code in it: {test_code}"
+print(f"{len(sources)} kernel sources in the wheel, no shim")
+PY
+
 echo "== ruff"
 .venv-test/bin/ruff check python tests tools
 .venv-test/bin/ruff format --check python tests tools

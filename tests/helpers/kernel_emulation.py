@@ -1,7 +1,7 @@
 """CPU emulation of qlorakit's CUDA kernels: the exact kernel source, compiled by the host C++ compiler.
 
 ``build(file)`` compiles ``qlorakit.kernels.kernel_source(file)`` — the string NVRTC and CuPy compile — with
-``g++ -include cuda/emulation/cuda_shim.h`` into a shared library, plus one ``extern "C"`` wrapper per kernel
+``g++ -include tests/helpers/cuda_shim.h`` into a shared library, plus one ``extern "C"`` wrapper per kernel
 that takes CUDA's ``kernelParams`` convention (``void** args``, one pointer to each argument's value); a
 variadic template in the shim deduces the kernel's parameter types from the function pointer, so nothing
 parses signatures. ``EmulatedModule.launch`` runs every thread of every block on the CPU (fibers per block,
@@ -34,10 +34,11 @@ import numpy as np
 import torch
 
 import qlorakit
-from qlorakit.kernels import CUDA_DIR, kernel_names, kernel_source, kernel_source_from_text
+from qlorakit.kernels import kernel_names, kernel_source, kernel_source_from_text
 from qlorakit.packed import PackedWeight
 
-SHIM = CUDA_DIR / "emulation" / "cuda_shim.h"
+#: The CUDA emulation header (test code, not package data: it is not in the wheel).
+SHIM = Path(__file__).resolve().parent / "cuda_shim.h"
 CXX = os.environ.get("CXX", "g++")
 CXXFLAGS = (
     "-std=c++17",
@@ -184,12 +185,13 @@ def build_source(source: str, names: Sequence[str]) -> EmulatedModule:
 
 
 def build(file: str, defines: Mapping[str, str] | None = None) -> EmulatedModule:
-    """The kernels of ``cuda/FILE`` (with ``defines``) compiled for the CPU; cached per source."""
+    """The kernels of ``qlorakit/kernels/cuda/FILE`` (with ``defines``) compiled for the CPU; cached per source."""
     return build_source(kernel_source(file, defines), kernel_names(file))
 
 
 def build_text(text: str, names: Sequence[str], label: str = "test_kernel.cu") -> EmulatedModule:
-    """Like :func:`build` for kernel text that is not a file in ``cuda/`` (tests of the shim itself)."""
+    """Like :func:`build` for kernel text that is not a file in ``qlorakit/kernels/cuda/`` (tests of the shim
+    itself)."""
     return build_source(kernel_source_from_text(text, label), names)
 
 

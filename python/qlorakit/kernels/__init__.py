@@ -1,4 +1,4 @@
-"""qlorakit's CUDA kernels: sources in ``cuda/`` (shipped inside this package as ``kernels/cuda``), compiled at
+"""qlorakit's CUDA kernels: sources in ``kernels/cuda/`` (package data of this package), compiled at
 run time by CuPy (:mod:`qlorakit.kernels.cupy_loader`), by NVRTC in CI (``tools/check_kernels.py``) and by the
 host compiler for the CPU emulation in the tests.
 

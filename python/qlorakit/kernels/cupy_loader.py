@@ -43,7 +43,7 @@ def _device_index(device: torch.device | str | int) -> int:
 
 
 def get_kernel(file: str, name: str, device: torch.device | str | int, defines: Mapping[str, str] | None = None) -> Any:
-    """Kernel ``name`` of ``cuda/FILE`` compiled for ``device`` (a CuPy ``RawKernel``). The module is compiled
+    """Kernel ``name`` of ``kernels/cuda/FILE`` compiled for ``device`` (a CuPy ``RawKernel``). The module is compiled
     once per (device, file, defines) in this process; CuPy also caches the binary on disk."""
     cupy = require_cupy()
     index = _device_index(device)

@@ -44,7 +44,7 @@ class KernelLaunch:
 
 @functools.cache
 def source_constant(file: str, name: str) -> int:
-    """The integer value of ``#define NAME VALUE`` in ``cuda/FILE``."""
+    """The integer value of ``#define NAME VALUE`` in ``kernels/cuda/FILE``."""
     text = (CUDA_DIR / file).read_text(encoding="utf-8")
     match = re.search(rf"^\s*#define\s+{re.escape(name)}\s+(\d+)\s*$", text, re.M)
     if match is None:

@@ -1,4 +1,4 @@
-"""The CUDA kernel sources as compiled: files in ``cuda/``, discovered, assembled with their prelude.
+"""The CUDA kernel sources as compiled: files in ``kernels/cuda/``, discovered, assembled with their prelude.
 
 No torch and no CuPy here: ``tools/check_kernels.py`` (NVRTC) and the CPU emulation in the tests use this
 module too, and all three compile the same string, :func:`kernel_source`.
@@ -8,8 +8,8 @@ What a kernel file may rely on:
 - the **prelude**, put in front of every file: the format's tables taken from the Rust core (their one
   definition; never retyped in a ``.cu`` file) as ``#define`` initializer lists of exact C++17 hex-float
   literals (``QLORAKIT_NF4_CODE``, ``QLORAKIT_FP4_CODE``, ``QLORAKIT_DYNAMIC_MAP``), a few shared constants,
-  and ``cuda/qlorakit_device.cuh`` (exactly rounded float arithmetic, fp16/bf16 types and conversions);
-- ``#include "NAME.cuh"`` of another header in ``cuda/``: inlined here, once per source, with ``#line``
+  and ``kernels/cuda/qlorakit_device.cuh`` (exactly rounded float arithmetic, fp16/bf16 types and conversions);
+- ``#include "NAME.cuh"`` of another header in ``kernels/cuda/``: inlined here, once per source, with ``#line``
   markers, so neither NVRTC nor CuPy needs an include path (and none is given);
 - no CUDA toolkit header: NVRTC from the pip wheels has no built-in ``cuda_fp16.h``/``cuda_bf16.h``, and a
   CuPy install need not have them either — the prelude provides what the kernels use;
@@ -27,8 +27,8 @@ from pathlib import Path
 
 from qlorakit import _core
 
-#: Where the installed ``.cu`` files are: ``cuda/`` at the top of the repository, reached through the
-#: symlink ``python/qlorakit/kernels/cuda`` in a checkout and copied into the wheel by maturin's ``include``.
+#: Where the ``.cu``/``.cuh`` files are: package data, ``qlorakit/kernels/cuda/`` (in a checkout
+#: ``python/qlorakit/kernels/cuda/``; maturin's python-source packaging puts them into the wheel).
 CUDA_DIR: Path = Path(__file__).resolve().parent / "cuda"
 
 #: The device header every kernel gets in its prelude.
@@ -45,8 +45,7 @@ _NAME_RE = re.compile(r"[A-Za-z_]\w*")
 
 
 def kernel_files() -> list[str]:
-    """Every kernel file (``*.cu``, sorted) in :data:`CUDA_DIR`; headers (``*.cuh``) and ``emulation/`` are
-    not kernel files."""
+    """Every kernel file (``*.cu``, sorted) in :data:`CUDA_DIR`; headers (``*.cuh``) are not kernel files."""
     return sorted(p.name for p in CUDA_DIR.glob("*.cu"))
 
 

@@ -1,7 +1,7 @@
 """Device dispatch for the 4-bit operations — the one place that looks at the device.
 
 CPU: the multithreaded Rust core writes straight into the torch buffer. CUDA: the CuPy kernels of
-``cuda/`` (:mod:`qlorakit.kernels.cuda_ops`), bit-identical to the CPU for dequantization; without CuPy a
+``kernels/cuda/`` (:mod:`qlorakit.kernels.cuda_ops`), bit-identical to the CPU for dequantization; without CuPy a
 CUDA weight gets an error naming the extra to install.
 """
 

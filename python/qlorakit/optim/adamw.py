@@ -24,7 +24,7 @@ class PagedAdam(Optimizer):
     the moments are always float32 and the update is computed in float32, rounding a
     half-precision parameter once per step. On CUDA each parameter's two moments share one
     managed allocation, prefetched to the GPU before the parameter's fused update kernel
-    (``cuda/paged_adamw.cu``); on the CPU the same math runs as torch ops on ordinary memory.
+    (``kernels/cuda/paged_adamw.cu``); on the CPU the same math runs as torch ops on ordinary memory.
 
     State per parameter, under torch's names: ``step`` (a float32 CPU scalar tensor, as torch
     keeps it), ``exp_avg`` and ``exp_avg_sq`` (float32, the parameter's shape). Parameters

@@ -4,7 +4,7 @@ The math is torch.optim.Adam's ``_single_tensor_adam`` (no amsgrad, not capturab
 per-step scalars are computed once, in double precision exactly as torch computes them
 (:class:`AdamStep`); the elementwise part runs either as the same sequence of torch ops on
 the CPU (:func:`cpu_update`, bit-identical to torch.optim.AdamW there) or as one fused kernel
-on CUDA (:func:`cuda_update`, ``cuda/paged_adamw.cu``, which repeats those ops with the same
+on CUDA (:func:`cuda_update`, ``kernels/cuda/paged_adamw.cu``, which repeats those ops with the same
 roundings, except that its sqrt is correctly rounded and torch's MKL sqrt on x86 is not
 always: a last-bit difference in some denominators). Moments are always float32; a bf16/fp16
 parameter is computed in float32 and rounded back once per step.

@@ -1,4 +1,4 @@
-// The CUDA a kernel file needs, for the host C++ compiler: the CPU emulation of tests/kernel_emulation.py
+// The CUDA a kernel file needs, for the host C++ compiler: the CPU emulation of tests/helpers/kernel_emulation.py
 // compiles the exact kernel source (qlorakit.kernels.sources.kernel_source) with `g++ -include` this file and
 // runs every thread of every block on the CPU.
 //
