@@ -328,7 +328,7 @@ def test_kernel_emulation_matches_reference_math(
     if not compiler_available():
         pytest.skip("the CPU emulation needs a host C++ compiler")
     c_type, np_type = _KERNEL_TYPES[dtype]
-    module = build(KERNEL_FILE, {"QLK_PARAM_T": c_type})
+    module = build(KERNEL_FILE, {"QK_PARAM_T": c_type})
     generator = torch.Generator().manual_seed(11)
     n = 1000  # grid 3 x block 64 < n: the grid-stride loop runs several rounds and a tail
     initial = (torch.randn(n, generator=generator) * 0.5).to(dtype)

@@ -132,7 +132,7 @@ def cuda_update(
     prefetch_to_device(exp_avg)
     if exp_avg_sq.untyped_storage().data_ptr() != exp_avg.untyped_storage().data_ptr():
         prefetch_to_device(exp_avg_sq)  # states restored or assigned separately
-    kernel = get_kernel(KERNEL_FILE, KERNEL_NAME, param.device, {"QLK_PARAM_T": KERNEL_PARAM_TYPES[param.dtype]})
+    kernel = get_kernel(KERNEL_FILE, KERNEL_NAME, param.device, {"QK_PARAM_T": KERNEL_PARAM_TYPES[param.dtype]})
     work = param if param.is_contiguous() else param.contiguous()
     grad = grad.to(param.dtype).contiguous()  # no-ops for the usual dense gradient
     grid = min(math.ceil(n / _BLOCK), _max_blocks(param.device.index or 0))

@@ -2,12 +2,12 @@
 //
 // The moments are float32 (they live in CUDA managed memory, but the kernel does not care:
 // managed pointers are ordinary device pointers here). The parameter and its gradient are
-// QLK_PARAM_T: float, or bf16 / fp16 for mixed-precision adapters, computed in float32 and
+// QK_PARAM_T: float, or bf16 / fp16 for mixed-precision adapters, computed in float32 and
 // rounded back to the parameter's type once per step.
 //
-// qlorakit: variant QLK_PARAM_T=float
-// qlorakit: variant QLK_PARAM_T=__nv_bfloat16
-// qlorakit: variant QLK_PARAM_T=__half
+// qlorakit: variant QK_PARAM_T=float
+// qlorakit: variant QK_PARAM_T=__nv_bfloat16
+// qlorakit: variant QK_PARAM_T=__half
 //
 // The arithmetic repeats torch.optim.Adam's `_single_tensor_adam` (torch 2.x, no amsgrad,
 // not capturable) operation by operation, each with its own IEEE round-to-nearest:
@@ -21,7 +21,7 @@
 //
 // Each operation rounds once, to nearest-even, with subnormals kept: multiply and add are the
 // prelude's qk_mul_rn / qk_add_rn; subtract, fused multiply-add, division and square root are
-// the qlk_*_rn helpers below. All are explicit PTX, because CuPy compiles with -ftz=true (which
+// the qk_*_rn helpers below. All are explicit PTX, because CuPy compiles with -ftz=true (which
 // turns __fmul_rn, __fdiv_rn, ... into their flush-to-zero forms) and a plain expression may
 // be contracted. Where torch's vectorized CPU kernels fuse a multiply-add (add with alpha, lerp,
 // addcmul: measured on torch 2.15's AVX2 and AVX-512 kernels) this kernel does too, so it
@@ -36,25 +36,25 @@
 
 #ifndef QLORAKIT_HOST_EMULATION
 
-__device__ __forceinline__ float qlk_fma_rn(float a, float b, float c) {
+__device__ __forceinline__ float qk_fma_rn(float a, float b, float c) {
     float r;
     asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
     return r;
 }
 
-__device__ __forceinline__ float qlk_sub_rn(float a, float b) {
+__device__ __forceinline__ float qk_sub_rn(float a, float b) {
     float r;  // not qk_add_rn(a, -b): under -ftz=true the negation itself would flush a subnormal b
     asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
     return r;
 }
 
-__device__ __forceinline__ float qlk_div_rn(float a, float b) {
+__device__ __forceinline__ float qk_div_rn(float a, float b) {
     float r;
     asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
     return r;
 }
 
-__device__ __forceinline__ float qlk_sqrt_rn(float a) {
+__device__ __forceinline__ float qk_sqrt_rn(float a) {
     float r;
     asm("sqrt.rn.f32 %0, %1;" : "=f"(r) : "f"(a));
     return r;
@@ -62,30 +62,30 @@ __device__ __forceinline__ float qlk_sqrt_rn(float a) {
 
 #else  // the CPU emulation: host IEEE arithmetic, no contraction, no flush to zero
 
-inline float qlk_fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-inline float qlk_sub_rn(float a, float b) { return __fsub_rn(a, b); }
-inline float qlk_div_rn(float a, float b) { return __fdiv_rn(a, b); }
-inline float qlk_sqrt_rn(float a) { return __fsqrt_rn(a); }
+inline float qk_fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+inline float qk_sub_rn(float a, float b) { return __fsub_rn(a, b); }
+inline float qk_div_rn(float a, float b) { return __fdiv_rn(a, b); }
+inline float qk_sqrt_rn(float a) { return __fsqrt_rn(a); }
 
 #endif  // QLORAKIT_HOST_EMULATION
 
-#ifndef QLK_PARAM_T
-#define QLK_PARAM_T float
+#ifndef QK_PARAM_T
+#define QK_PARAM_T float
 #endif
 
-__device__ __forceinline__ float qlk_param_to_float(float value) { return value; }
-__device__ __forceinline__ float qlk_param_to_float(__nv_bfloat16 value) { return __bfloat162float(value); }
-__device__ __forceinline__ float qlk_param_to_float(__half value) { return __half2float(value); }
+__device__ __forceinline__ float qk_param_to_float(float value) { return value; }
+__device__ __forceinline__ float qk_param_to_float(__nv_bfloat16 value) { return __bfloat162float(value); }
+__device__ __forceinline__ float qk_param_to_float(__half value) { return __half2float(value); }
 
-__device__ __forceinline__ void qlk_store_param(float* slot, float value) { *slot = value; }
-__device__ __forceinline__ void qlk_store_param(__nv_bfloat16* slot, float value) { *slot = __float2bfloat16_rn(value); }
-__device__ __forceinline__ void qlk_store_param(__half* slot, float value) { *slot = __float2half_rn(value); }
+__device__ __forceinline__ void qk_store_param(float* slot, float value) { *slot = value; }
+__device__ __forceinline__ void qk_store_param(__nv_bfloat16* slot, float value) { *slot = __float2bfloat16_rn(value); }
+__device__ __forceinline__ void qk_store_param(__half* slot, float value) { *slot = __float2half_rn(value); }
 
 // Elementwise over the n elements of one parameter with a grid-stride loop, so the host can
 // cap the grid at a few waves of the GPU whatever the parameter's size.
 extern "C" __global__ void paged_adam_step(
-    QLK_PARAM_T* __restrict__ param,
-    const QLK_PARAM_T* __restrict__ grad,
+    QK_PARAM_T* __restrict__ param,
+    const QK_PARAM_T* __restrict__ grad,
     float* __restrict__ exp_avg,
     float* __restrict__ exp_avg_sq,
     long long n,
@@ -101,32 +101,32 @@ extern "C" __global__ void paged_adam_step(
     // torch's vectorized lerp: weight w < 0.5 -> m + w * (g - m), else g - (1 - w) * (g - m),
     // either as one fused multiply-add; the branch is the same for every element.
     const bool small_weight = beta1_weight < 0.5f && beta1_weight > -0.5f;
-    const float lerp_coeff = small_weight ? beta1_weight : qlk_sub_rn(beta1_weight, 1.0f);
+    const float lerp_coeff = small_weight ? beta1_weight : qk_sub_rn(beta1_weight, 1.0f);
 
     const long long stride = (long long)gridDim.x * (long long)blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        float p = qlk_param_to_float(param[i]);
-        float g = qlk_param_to_float(grad[i]);
+        float p = qk_param_to_float(param[i]);
+        float g = qk_param_to_float(grad[i]);
         float m = exp_avg[i];
         float v = exp_avg_sq[i];
 
         // torch applies either form of decay only when weight_decay != 0 (the host then passes
         // 0 and 1), so a parameter without decay is not even multiplied by 1.
         if (grad_weight_decay != 0.0f) {
-            g = qlk_fma_rn(p, grad_weight_decay, g);
+            g = qk_fma_rn(p, grad_weight_decay, g);
         }
         if (param_scale != 1.0f) {
             p = qk_mul_rn(p, param_scale);
         }
 
-        m = qlk_fma_rn(lerp_coeff, qlk_sub_rn(g, m), small_weight ? m : g);
-        v = qlk_fma_rn(qk_mul_rn(one_minus_beta2, g), g, qk_mul_rn(v, beta2));
+        m = qk_fma_rn(lerp_coeff, qk_sub_rn(g, m), small_weight ? m : g);
+        v = qk_fma_rn(qk_mul_rn(one_minus_beta2, g), g, qk_mul_rn(v, beta2));
 
-        const float denom = qk_add_rn(qlk_div_rn(qlk_sqrt_rn(v), bias_correction2_sqrt), eps);
-        p = qk_add_rn(p, qlk_div_rn(qk_mul_rn(neg_step_size, m), denom));
+        const float denom = qk_add_rn(qk_div_rn(qk_sqrt_rn(v), bias_correction2_sqrt), eps);
+        p = qk_add_rn(p, qk_div_rn(qk_mul_rn(neg_step_size, m), denom));
 
         exp_avg[i] = m;
         exp_avg_sq[i] = v;
-        qlk_store_param(&param[i], p);
+        qk_store_param(&param[i], p);
     }
 }
