@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qlorakit.lora import _set_submodule
 from qlorakit.nn.linear4bit import Linear4bit
 
 
@@ -115,7 +114,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     quantized from. Returns ``model``."""
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear4bit):
-            _set_submodule(model, name, module.to_dense())
+            model.set_submodule(name, module.to_dense())
     return model
 
 
