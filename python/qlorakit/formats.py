@@ -15,6 +15,9 @@ NESTED_BLOCKSIZE: int = _core.NESTED_BLOCKSIZE
 #: What a weight's key is followed by in the key of its quant_state JSON tensor (then ``nf4``/``fp4``).
 QUANT_STATE_MARKER: str = _core.QUANT_STATE_MARKER
 
+#: safetensors' names of the float dtypes the core quantizes -> the core's (and torch's) dtype names.
+SAFETENSORS_FLOAT_DTYPES: dict[str, str] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
 #: Default largest output file of ``quantize_checkpoint`` / ``qlorakit quantize`` (transformers'
 #: ``save_pretrained`` default too). A Python option default: the Rust pipeline takes bytes.
 DEFAULT_MAX_SHARD_SIZE = "5GB"

@@ -35,6 +35,14 @@ def quantization_config(quant_type: str, double_quant: bool, compute_dtype: str,
     }
 
 
+def is_bnb_4bit(quant_config: object) -> bool:
+    """Whether a ``config.json`` ``quantization_config`` (a dict) is bitsandbytes' 4-bit one (either
+    spelling transformers has written of its ``load_in_4bit``)."""
+    if not isinstance(quant_config, dict):
+        return False
+    return bool(quant_config.get("load_in_4bit") or quant_config.get("_load_in_4bit"))
+
+
 def write_config(source_dir: Path | None, out_dir: Path, quant_config: dict) -> None:
     """Copies ``config.json`` (when there is one) with ``quantization_config`` added."""
     if source_dir is None or not (source_dir / "config.json").is_file():

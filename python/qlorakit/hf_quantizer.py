@@ -44,8 +44,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from qlorakit import _core, hf_rules
 from qlorakit.errors import CheckpointError, QlorakitError
-from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, QUANT_TYPES
-from qlorakit.hf_files import COMPUTE_DTYPES
+from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, QUANT_TYPES, SAFETENSORS_FLOAT_DTYPES
+from qlorakit.hf_files import COMPUTE_DTYPES, is_bnb_4bit
 from qlorakit.hf_files import quantization_config as bnb_quantization_config
 from qlorakit.nn.linear4bit import Linear4bit
 from qlorakit.packed import SERIALIZED_SUFFIXES, PackedWeight
@@ -59,8 +59,6 @@ if TYPE_CHECKING:
 QUANT_METHOD = "qlorakit"
 #: The tensors bitsandbytes serializes per 4-bit weight (suffixes of the module's ``weight``).
 SERIALIZED_NAMES = [f"weight{suffix}" for suffix in SERIALIZED_SUFFIXES]
-#: safetensors dtype names -> torch dtypes (the stored dtype of a weight quantized on load).
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -349,11 +347,9 @@ class QlorakitHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
         """Every ``Linear4bit`` back to its full-precision layer (in ``dtype``, else the stored one)."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, Linear4bit):
-                weight = module.dequantized_weight(torch.float32).to(dtype or module.weight_dtype)
-                model.set_submodule(name, module.to_dense(weight))
-        return model
+        from qlorakit.training import dequantize_model
+
+        return dequantize_model(model, dtype)
 
 
 def _stored_dtypes(checkpoint_files: Sequence[str]) -> dict[str, tuple[str, torch.dtype]]:
@@ -364,8 +360,8 @@ def _stored_dtypes(checkpoint_files: Sequence[str]) -> dict[str, tuple[str, torc
             continue
         _, entries = _core.read_header(str(file))
         for name, dtype, *_ in entries:
-            if dtype in _SAFETENSORS_DTYPES:
-                stored[name] = (str(file), _SAFETENSORS_DTYPES[dtype])
+            if dtype in SAFETENSORS_FLOAT_DTYPES:
+                stored[name] = (str(file), ELEMENT_DTYPES[SAFETENSORS_FLOAT_DTYPES[dtype]])
     return stored
 
 
@@ -389,7 +385,7 @@ def _merge_quantization_configs(
     if isinstance(quantization_config_from_args, QuantizationConfig) and isinstance(quantization_config, dict):
         if quantization_config.get("quant_method") == QUANT_METHOD:
             return QuantizationConfig.from_dict(quantization_config)
-        if quantization_config.get("load_in_4bit") or quantization_config.get("_load_in_4bit"):
+        if is_bnb_4bit(quantization_config):
             return QuantizationConfig.from_bnb(
                 quantization_config, dtype_from_name(quantization_config_from_args.compute_dtype)
             )

@@ -26,7 +26,7 @@ from torch import nn
 
 from qlorakit.checkpoint import quantize_checkpoint
 from qlorakit.errors import CheckpointError
-from qlorakit.hf_files import COMPUTE_DTYPES
+from qlorakit.hf_files import COMPUTE_DTYPES, is_bnb_4bit
 
 _NO_ADAPTER_SUBFOLDER = ".qlorakit-base-only"
 #: quantize_checkpoint's parameters that from_pretrained sets itself (``force`` and ``compute_dtype`` are its own).
@@ -103,7 +103,7 @@ def _recorded_quantization(directory: Path) -> dict | None:
     recorded = config.get("quantization_config") if isinstance(config, dict) else None
     if not recorded:
         return None
-    if not isinstance(recorded, dict) or not (recorded.get("load_in_4bit") or recorded.get("_load_in_4bit")):
+    if not is_bnb_4bit(recorded):
         method = recorded.get("quant_method", "?") if isinstance(recorded, dict) else "?"
         raise CheckpointError(
             f"{config_path}: quantized with {method!r}, not bitsandbytes 4-bit: qlorakit can neither load it "
@@ -183,7 +183,7 @@ def _packed_config(directory: Path):  # noqa: ANN202 (a transformers PretrainedC
     bnb_config = getattr(config, "quantization_config", None)
     if bnb_config is not None and not isinstance(bnb_config, dict):
         bnb_config = bnb_config.to_dict()
-    if not bnb_config or not (bnb_config.get("load_in_4bit") or bnb_config.get("_load_in_4bit")):
+    if not is_bnb_4bit(bnb_config):
         raise CheckpointError(
             f"{directory}: no 4-bit quantized weights: config.json has no bitsandbytes 4-bit quantization_config "
             "(not a packed checkpoint; quantize it first with `qlorakit quantize`)"

@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlorakit.errors import CheckpointError
+from qlorakit.formats import SAFETENSORS_FLOAT_DTYPES
 
 if TYPE_CHECKING:
     from torch import nn
 
-FLOAT_DTYPES = ("F32", "BF16", "F16")
 #: Name fragments of 2-D weights the name rule never quantizes.
 NAME_RULE_SKIP_FRAGMENTS = ("embed", "wte", "wpe", "lm_head", "norm", "ln_", "layernorm", "shared")
 RULES = ("transformers", "names")
@@ -218,7 +218,7 @@ def select_tensors(
 
 
 def _quantizable(entry: tuple[str, list[int]] | None) -> bool:
-    return entry is not None and entry[0] in FLOAT_DTYPES and len(entry[1]) == 2 and 0 not in entry[1]
+    return entry is not None and entry[0] in SAFETENSORS_FLOAT_DTYPES and len(entry[1]) == 2 and 0 not in entry[1]
 
 
 def _select_by_name(by_name: dict[str, tuple[str, list[int]]], skip: Sequence[str], method: str) -> Selection:

@@ -108,13 +108,14 @@ def _input_embeddings(model: nn.Module) -> nn.Module | None:
     return model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
 
 
-def dequantize_model(model: nn.Module) -> nn.Module:
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replaces every remaining ``Linear4bit`` by the full-precision layer it stands for
-    (``nn.Linear``, or GPT-2's ``Conv1D``) holding its dequantized weight in the dtype it was
-    quantized from. Returns ``model``."""
+    (``nn.Linear``, or GPT-2's ``Conv1D``) holding its dequantized weight in ``dtype`` (default:
+    the dtype it was quantized from). Returns ``model``."""
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear4bit):
-            model.set_submodule(name, module.to_dense())
+            weight = module.dequantized_weight(torch.float32).to(dtype) if dtype is not None else None
+            model.set_submodule(name, module.to_dense(weight))
     return model
 
 
