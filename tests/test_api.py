@@ -81,7 +81,7 @@ def test_state_dict_round_trip_with_prefix() -> None:
 def test_quant_storage_bfloat16_is_read() -> None:
     x = torch.randn(64, 64)
     packed = qlorakit.quantize(x)
-    packed.quant_storage = torch.bfloat16
+    packed = packed.with_layout(quant_storage=torch.bfloat16)
     tensors = packed.state_dict("w")
     assert tensors["w"].dtype == torch.bfloat16 and tensors["w"].shape == (1024, 1)
     restored = qlorakit.PackedWeight.from_state_dict(tensors, "w")
@@ -92,7 +92,7 @@ def test_numpy_input_and_zero_copy_dequantize_into_out() -> None:
     array = np.random.default_rng(0).standard_normal((100, 64)).astype(np.float32)
     from_numpy = qlorakit.quantize(array)
     from_torch = qlorakit.quantize(torch.from_numpy(array.copy()))
-    assert torch.equal(from_numpy.packed, from_torch.packed)
+    assert torch.equal(from_numpy.codes, from_torch.codes)
     out = torch.empty(100, 64, dtype=torch.bfloat16)
     result = qlorakit.dequantize(from_numpy, out=out)
     assert result.data_ptr() == out.data_ptr()
@@ -104,10 +104,10 @@ def test_out_packed_weight_is_reused() -> None:
     first = torch.randn(256, 64)
     second = torch.randn(256, 64)
     buffer = qlorakit.quantize(first)
-    pointer = buffer.packed.data_ptr()
+    pointer = buffer.codes.data_ptr()
     reused = qlorakit.quantize(second, out=buffer)
-    assert reused is buffer and buffer.packed.data_ptr() == pointer
-    assert torch.equal(buffer.packed, qlorakit.quantize(second).packed)
+    assert reused is buffer and buffer.codes.data_ptr() == pointer
+    assert torch.equal(buffer.codes, qlorakit.quantize(second).codes)
     with pytest.raises(QuantizationError, match="layout"):
         qlorakit.quantize(torch.randn(3, 3), out=buffer)
 
@@ -121,9 +121,9 @@ def test_reconstruction_error_is_small() -> None:
 def test_gil_is_released_during_quantization() -> None:
     """Two Python threads quantizing at once both make progress and get correct results."""
     x = torch.randn(2048, 2048).to(torch.bfloat16)
-    expected = qlorakit.quantize(x).packed
+    expected = qlorakit.quantize(x).codes
     results: list[torch.Tensor] = []
-    threads = [threading.Thread(target=lambda: results.append(qlorakit.quantize(x).packed)) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: results.append(qlorakit.quantize(x).codes)) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -243,7 +243,7 @@ class TestScaleSearch:
 
         x = (torch.randn(96, 128, generator=torch.Generator().manual_seed(9)) * 0.05).to(torch.bfloat16)
         packed = qlorakit.quantize(x, scale_search=True)
-        expected = bnb_functional.dequantize_4bit(packed.packed, bnb_state_of(packed))
+        expected = bnb_functional.dequantize_4bit(packed.codes, bnb_state_of(packed))
         assert torch.equal(qlorakit.dequantize(packed), expected)
 
     @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -270,7 +270,7 @@ class TestScaleSearch:
         assert error["search"] <= error["absmax"], error
         if blocksize <= 256:  # enough blocks for clipping to pay off
             assert error["search"] < 0.95 * error["absmax"], error
-        expected = bnb_functional.dequantize_4bit(searched.packed, bnb_state_of(searched))
+        expected = bnb_functional.dequantize_4bit(searched.codes, bnb_state_of(searched))
         assert torch.equal(qlorakit.dequantize(searched), expected)
 
     def test_importance_must_match_the_input_columns(self) -> None:

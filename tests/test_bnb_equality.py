@@ -53,7 +53,7 @@ class TestEdgeCases:
         x[64:128] = torch.linspace(-1, 1, 64)
         ours = assert_same_packing(x, quant_type, 64)
         zero_code = 0x7 if quant_type == "nf4" else 0x0
-        assert ours.packed[:32].eq(zero_code * 0x11).all()  # NF4: 0x77
+        assert ours.codes[:32].eq(zero_code * 0x11).all()  # NF4: 0x77
         assert ours.absmax[0] == 0.0  # a full zero block stores 0 ...
         assert ours.absmax[-1] == torch.tensor(1e-38, dtype=torch.float32)  # ... a partial one the floor
 
@@ -92,7 +92,7 @@ class TestEdgeCases:
         # absmax 1.0 in every block → scaled values are the inputs themselves.
         block = torch.cat([torch.tensor([1.0]), bounds, above, below, torch.zeros(64 - 46)])
         ours = assert_same_packing(block, quant_type, 64)
-        codes = torch.stack([ours.packed.flatten() >> 4, ours.packed.flatten() & 0xF], 1).flatten()
+        codes = torch.stack([ours.codes.flatten() >> 4, ours.codes.flatten() & 0xF], 1).flatten()
         decoded = code_table(quant_type)[codes.long()]
         on_bound = decoded[1:16]
         assert (on_bound <= bounds).all(), "a value exactly on a bound must take the lower code"
@@ -122,7 +122,7 @@ class TestEdgeCases:
     def test_fp4_small_positive_values_take_code_8(self) -> None:
         x = torch.tensor([1.0, 0.002, 0.0, -0.002, 0.0026, 0.003] + [0.0] * 58)
         ours = assert_same_packing(x, "fp4", 64)
-        assert ours.packed[0, 0] >> 4 == 3 and ours.packed[0, 0] & 0xF == 8
+        assert ours.codes[0, 0] >> 4 == 3 and ours.codes[0, 0] & 0xF == 8
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
@@ -189,10 +189,10 @@ def test_dequantize_equals_bitsandbytes(bnb_functional, quant_type: str, out_dty
             ours = qlorakit.quantize(x, quant_type, blocksize, double_quant)
             state = bnb_state_of(ours)
             if cpu_kernel_misindexes(shape, blocksize):
-                expected = bnb_dequantize_eager(ours.packed, state, out_dtype)
+                expected = bnb_dequantize_eager(ours.codes, state, out_dtype)
             else:
                 state.dtype = out_dtype
-                expected = bnb_functional.dequantize_4bit(ours.packed, state)
+                expected = bnb_functional.dequantize_4bit(ours.codes, state)
             got = qlorakit.dequantize(ours, out_dtype)
             assert got.dtype == expected.dtype == out_dtype
             assert got.shape == expected.shape

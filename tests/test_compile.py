@@ -52,7 +52,32 @@ def test_opcheck(double_quant: bool) -> None:
     torch.library.opcheck(torch.ops.qlorakit.linear_4bit.default, (x[0, :1], *weight, None))
     torch.library.opcheck(torch.ops.qlorakit.dequantize_4bit.default, (*weight, torch.bfloat16))
     torch.library.opcheck(torch.ops.qlorakit.linear_4bit_grad_input.default, (torch.randn(4, 128), *weight))
+    torch.library.opcheck(torch.ops.qlorakit.gemv_4bit.default, (torch.randn(256), *weight, bias))
     assert torch.equal(ops.dequantize_4bit(packed, torch.float32), qlorakit.dequantize(packed, torch.float32))
+    row = torch.randn(1, 256)
+    assert torch.allclose(ops.gemv_4bit(row, packed, bias), ops.linear_4bit(row, packed, bias), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="one row"):
+        ops.gemv_4bit(torch.randn(2, 256), packed)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_quantize_op_equals_quantize(double_quant: bool) -> None:
+    x = torch.randn(64, 96, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.qlorakit.quantize_4bit.default, (x, "nf4", 64, double_quant))
+    ours, reference = ops.quantize_4bit(x, "nf4", 64, double_quant), qlorakit.quantize(x, "nf4", 64, double_quant)
+    assert ours.layout == reference.layout
+    assert torch.equal(ours.codes, reference.codes) and torch.equal(ours.absmax, reference.absmax)
+    if double_quant:
+        assert torch.equal(ours.nested_absmax, reference.nested_absmax)
+    # Traced as one node (the offset stays a tensor inside the graph: a layout's offset is a Python float).
+    counter = counting("aot_eager")
+    compiled = torch.compile(
+        lambda t: torch.ops.qlorakit.quantize_4bit(t, "nf4", 64, double_quant), fullgraph=True, backend=counter
+    )
+    codes, absmax, nested, offset = compiled(x)
+    assert counter.frame_count == 1
+    assert torch.equal(codes, reference.codes) and torch.equal(absmax, reference.absmax)
+    assert float(offset) == (reference.offset or 0.0)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

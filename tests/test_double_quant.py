@@ -100,7 +100,7 @@ def test_nested_dtype_bfloat16_is_decoded_like_bitsandbytes(bnb_functional) -> N
     decoding such a file must follow its bf16 arithmetic."""
     x = (torch.randn(80, 128) * 0.05).to(torch.bfloat16)
     packed = qlorakit.quantize(x)
-    packed.nested_dtype = torch.bfloat16
+    packed = packed.with_layout(nested_dtype=torch.bfloat16)
     state = bnb_state_of(packed)
     expected = bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
     assert torch.equal(qlorakit.decode_absmax(packed), expected.float())

@@ -26,12 +26,7 @@ TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "train_lora.py
 
 
 def to_cuda(packed: qlorakit.PackedWeight) -> qlorakit.PackedWeight:
-    return dataclasses.replace(
-        packed,
-        packed=packed.packed.cuda(),
-        absmax=packed.absmax.cuda(),
-        nested_absmax=packed.nested_absmax.cuda() if packed.nested_absmax is not None else None,
-    )
+    return packed.to("cuda")
 
 
 def gpu_dequantize(packed: qlorakit.PackedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -76,7 +71,7 @@ def test_low_precision_nested_scales_decode_like_the_cpu_path(nested_dtype: torc
     from qlorakit.tables import dynamic_map
 
     packed = qlorakit.quantize(torch.randn(64 * 700, generator=torch.Generator().manual_seed(3)), "nf4", 64, True)
-    packed.nested_dtype = nested_dtype
+    packed = packed.with_layout(nested_dtype=nested_dtype)
     scales = packed.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: packed.absmax.numel()]
     implicit = (dynamic_map()[packed.absmax.long()] * scales).to(nested_dtype) + torch.tensor(packed.offset)
     assert torch.equal(qlorakit.decode_absmax(packed), implicit.float())
@@ -116,14 +111,14 @@ def test_gpu_dequantize_handles_misaligned_and_low_precision_inputs():
     x = torch.randn(64 * 301, generator=torch.Generator().manual_seed(9))
     packed = to_cuda(qlorakit.quantize(x, "fp4", 64, True))
     # Codes that start 1 byte into a buffer (a view): the loader copies them to an aligned buffer.
-    shifted = torch.empty(packed.packed.numel() + 1, dtype=torch.uint8, device="cuda")
-    shifted[1:] = packed.packed.reshape(-1)
-    view = dataclasses.replace(packed, packed=shifted[1:].unsqueeze(1))
+    shifted = torch.empty(packed.codes.numel() + 1, dtype=torch.uint8, device="cuda")
+    shifted[1:] = packed.codes.reshape(-1)
+    view = dataclasses.replace(packed, codes=shifted[1:].unsqueeze(1))
     from qlorakit.nn.dispatch import dequantize_weight
 
     cpu = qlorakit.quantize(x, "fp4", 64, True)
     assert_bits_equal(dequantize_weight(view, torch.bfloat16), qlorakit.dequantize(cpu, torch.bfloat16))
-    cpu.nested_dtype = packed.nested_dtype = torch.bfloat16
+    cpu, packed = cpu.with_layout(nested_dtype=torch.bfloat16), packed.with_layout(nested_dtype=torch.bfloat16)
     assert_bits_equal(dequantize_weight(packed, torch.float16), qlorakit.dequantize(cpu, torch.float16))
 
 
@@ -149,7 +144,7 @@ def test_gpu_gemv_matches_the_float_reference_and_the_emulation(dtype: torch.dty
             bits = np.uint32 if dtype == torch.float32 else np.uint16
             out = np.zeros(rows, bits)
             spec = gemv_4bit_launch(
-                packed=packed.packed.reshape(-1).numpy().copy(),
+                packed=packed.codes.reshape(-1).numpy().copy(),
                 absmax=packed.absmax.numpy(),
                 nested_absmax=packed.nested_absmax.numpy() if double_quant else None,
                 offset=packed.offset,

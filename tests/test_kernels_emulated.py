@@ -38,7 +38,7 @@ def emulated_dequantize(packed: qlorakit.PackedWeight, dtype: str, guard: Guarde
     bits, _ = BITS[dtype]
     canary_elements = 16 // np.dtype(bits).itemsize
     place = (lambda a, alignment=16: guard.array(a, alignment)) if guard else (lambda a, alignment=16: a.copy())
-    codes = place(packed.packed.reshape(-1).numpy(), 4)
+    codes = place(packed.codes.reshape(-1).numpy(), 4)
     absmax = place(packed.absmax.numpy(), 4)
     nested = place(packed.nested_absmax.numpy(), 4) if packed.nested_absmax is not None else None
     out = place(np.full((n + canary_elements) * np.dtype(bits).itemsize, CANARY, np.uint8)).view(bits)
@@ -241,7 +241,7 @@ def test_emulated_launch_checks_argument_types():
     module = build("dequantize_4bit.cu")
     packed = qlorakit.quantize(torch.randn(64), "nf4", 64, True)
     spec = dequantize_4bit_launch(
-        packed=packed.packed.reshape(-1).numpy(),
+        packed=packed.codes.reshape(-1).numpy(),
         absmax=packed.absmax.numpy(),
         nested_absmax=packed.nested_absmax.numpy(),
         offset=packed.offset,
@@ -347,7 +347,7 @@ def emulated_gemv(packed, x: torch.Tensor, bias: torch.Tensor | None, vectorized
     as_bits = lambda t: t.contiguous().view(view).numpy().view(bits).copy()  # noqa: E731
     out = np.zeros(rows, bits)
     spec = gemv_4bit_launch(
-        packed=packed.packed.reshape(-1).numpy().copy(),
+        packed=packed.codes.reshape(-1).numpy().copy(),
         absmax=packed.absmax.numpy(),
         nested_absmax=packed.nested_absmax.numpy() if packed.nested_absmax is not None else None,
         offset=packed.offset,

@@ -80,7 +80,7 @@ def test_cuda_weights_get_a_clear_error() -> None:
     from qlorakit.nn.dispatch import dequantize_weight
 
     packed = make_layer(8, 64, False, torch.float32).packed_weight()
-    packed.packed = torch.empty(packed.packed.shape, dtype=torch.uint8, device="meta")
+    packed.codes = torch.empty(packed.codes.shape, dtype=torch.uint8, device="meta")
     with pytest.raises(qlorakit.QlorakitError, match="no 4-bit dequantization for device meta"):
         dequantize_weight(packed, torch.float32)
 
@@ -294,7 +294,7 @@ def test_qlora_on_a_packed_model_trains_saves_loads_in_peft_and_merges(packed_ll
     model = qlorakit.load_packed(packed_llama, compute_dtype=torch.float32)
     config = qlorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
     qlorakit.add_lora(model, config)
-    packed_before = [m.packed.clone() for m in model.modules() if isinstance(m, Linear4bit)]
+    packed_before = [m.weight.clone() for m in model.modules() if isinstance(m, Linear4bit)]
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(4))
@@ -307,7 +307,7 @@ def test_qlora_on_a_packed_model_trains_saves_loads_in_peft_and_merges(packed_ll
         optimizer.zero_grad()
         losses.append(float(loss))
     assert losses[-1] < losses[0] * 0.9, losses
-    packed_after = [m.packed for m in model.modules() if isinstance(m, Linear4bit)]
+    packed_after = [m.weight for m in model.modules() if isinstance(m, Linear4bit)]
     assert all(torch.equal(a, b) for a, b in zip(packed_before, packed_after, strict=True))
 
     qlorakit.save_adapter(model, tmp_path / "adapter", config)

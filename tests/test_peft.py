@@ -83,7 +83,7 @@ def test_peft_on_qlorakit_equals_peft_on_bitsandbytes(name: str, packed_dirs: di
     assert {n.removeprefix("base_model.model.") for n in targeted} <= set(quantized)
     for module_name, layer in quantized.items():
         reference = merged_theirs.get_submodule(module_name).weight
-        assert torch.equal(layer.packed.reshape(-1), reference.data.reshape(-1)), module_name
+        assert torch.equal(layer.weight.reshape(-1), reference.data.reshape(-1)), module_name
     merged_logits = logits(merged_ours, architecture).float()
     error = float((merged_logits - logits(merged_theirs, architecture).float()).abs().mean())
     # same codes; bitsandbytes keeps the merged sum's float32 as the weight's dtype and computes with it

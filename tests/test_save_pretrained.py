@@ -201,6 +201,6 @@ class TestLinear4bitStateDict:
     def test_assign_replaces_the_buffers(self) -> None:
         layer, other = self.layer(), self.layer(seed=2, blocksize=64)
         layer.load_state_dict(other.state_dict(), assign=True)
-        assert torch.equal(layer.packed, other.packed)
+        assert torch.equal(layer.weight, other.weight)
         x = torch.randn(2, 128)
         assert torch.equal(layer(x), other(x))

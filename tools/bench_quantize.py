@@ -279,7 +279,7 @@ def agreement_checks(packed: Any, bnb_quant: Any, qk_deq: torch.Tensor, bnb_deq:
     import torch
 
     codes, state = bnb_quant
-    same_codes = torch.equal(codes.reshape(-1), packed.packed.reshape(-1))
+    same_codes = torch.equal(codes.reshape(-1), packed.codes.reshape(-1))
     absmax_diff = int((state.absmax.to(torch.int16) - packed.absmax.to(torch.int16)).ne(0).sum())
     same_nested = torch.equal(state.state2.absmax.float(), packed.nested_absmax.float())
     same_offset = float(state.offset) == float(packed.offset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from typing import Union
 
 import numpy as np
@@ -42,12 +43,17 @@ def element_dtype_name(t: torch.Tensor, what: str) -> str:
     raise QuantizationError(f"{what}: unsupported dtype {t.dtype}; expected float32, bfloat16 or float16")
 
 
-def byte_view(t: torch.Tensor, what: str) -> np.ndarray:
-    """A uint8 numpy view of a contiguous CPU tensor's memory (no copy)."""
+def byte_view(t: torch.Tensor, what: str) -> memoryview:
+    """The memory of a contiguous CPU tensor as a writable byte buffer (no copy), keeping the tensor alive.
+
+    A ctypes array over the tensor's data rather than ``Tensor.numpy()``: numpy views make a tensor's
+    storage non-resizable for good, and FSDP2 frees and re-allocates the storage of every gathered
+    parameter (``storage.resize_``) between passes."""
     if t.device.type != "cpu":
         raise QuantizationError(f"{what}: tensor is on {t.device}; the CPU core needs a CPU tensor")
     if not t.is_contiguous():
         raise QuantizationError(f"{what}: tensor must be contiguous (call .contiguous() first)")
-    if t.requires_grad:
-        t = t.detach()
-    return t.reshape(-1).view(torch.uint8).numpy()
+    nbytes = t.numel() * t.element_size()
+    view = (ctypes.c_uint8 * nbytes).from_address(t.data_ptr()) if nbytes else (ctypes.c_uint8 * 0)()
+    view.tensor = t  # the buffer borrows the tensor's memory: keep the tensor alive as long as the buffer
+    return memoryview(view).cast("B")

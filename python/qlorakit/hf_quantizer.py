@@ -158,7 +158,7 @@ def _install(model: nn.Module, weight_name: str, packed: PackedWeight, compute_d
     layer = Linear4bit(packed, None, compute_dtype)
     layer.bias = slot.bias  # still on meta if the bias loads after the weight; transformers then fills it
     layer.source_cls = getattr(slot, "source_cls", nn.Linear)
-    for tensor in layer.buffers():
+    for tensor in layer.quantized_parameters():
         tensor._is_hf_initialized = True
     layer._is_hf_initialized = True
     model.set_submodule(module_name, layer)
@@ -306,11 +306,7 @@ class QlorakitHfQuantizer(HfQuantizer):
         except QlorakitError as exc:
             # transformers collects it into its load report and raises a RuntimeError after the report.
             raise CheckpointError(f"{file or 'checkpoint'}: tensor '{key}': {exc}") from None
-        if value.device.type != "cpu":
-            for name in ("packed", "absmax", "nested_absmax"):
-                if getattr(packed, name) is not None:
-                    setattr(packed, name, getattr(packed, name).to(value.device))
-        return packed
+        return packed.to(value.device) if value.device.type != "cpu" else packed
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         model.is_loaded_in_4bit = True

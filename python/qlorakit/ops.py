@@ -3,7 +3,12 @@ kernel per device and a fake kernel (output shapes only) that tracing uses, so `
 ``torch.export`` and functionalization see each op as one node instead of a graph break at an
 opaque Rust or CuPy call (bitsandbytes registers its ops the same way).
 
+- ``qlorakit::quantize_4bit``: a 2-D float tensor -> the 4-bit weight's tensors (codes, block scales, nested
+  scales and the offset as a 0-d tensor). CPU only (the Rust core); a CUDA input is quantized on the CPU and the
+  result moved back.
 - ``qlorakit::dequantize_4bit``: the weight in a float dtype (a fresh tensor).
+- ``qlorakit::gemv_4bit``: ``W x (+ b)`` for an input of one row, by the fused dequantize-and-multiply kernel where
+  the device has one (CUDA; the CPU with AVX-512), else by dequantizing and multiplying.
 - ``qlorakit::linear_4bit``: ``x W^T + b``, differentiable in ``x`` and ``b``. One row takes the fused
   dequantize-and-multiply kernel where there is one; more rows dequantize into a per-thread scratch
   buffer and multiply. Its backward is ``qlorakit::linear_4bit_grad_input`` (``grad W``, the weight
@@ -19,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from qlorakit.packed import PackedWeight
+from qlorakit.formats import NESTED_BLOCKSIZE
+from qlorakit.packed import PackedWeight, QuantLayout
 
 #: The devices with a kernel for every op.
 DEVICES = ("cpu", "cuda")
@@ -29,7 +35,12 @@ WEIGHT_SCHEMA = (
     "str quant_type, int blocksize, int out_features, int in_features"
 )
 
+torch.library.define(
+    "qlorakit::quantize_4bit",
+    "(Tensor x, str quant_type, int blocksize, bool double_quant) -> (Tensor, Tensor, Tensor?, Tensor)",
+)
 torch.library.define("qlorakit::dequantize_4bit", f"({WEIGHT_SCHEMA}, ScalarType dtype) -> Tensor")
+torch.library.define("qlorakit::gemv_4bit", f"(Tensor x, {WEIGHT_SCHEMA}, Tensor? bias) -> Tensor")
 torch.library.define("qlorakit::linear_4bit", f"(Tensor x, {WEIGHT_SCHEMA}, Tensor? bias) -> Tensor")
 torch.library.define("qlorakit::linear_4bit_grad_input", f"(Tensor grad_output, {WEIGHT_SCHEMA}) -> Tensor")
 
@@ -39,7 +50,7 @@ def weight_args(packed: PackedWeight) -> tuple:
     out_features, in_features = packed.shape
     offset = float(packed.offset) if packed.offset is not None else 0.0
     return (
-        packed.packed,
+        packed.codes,
         packed.absmax,
         packed.nested_absmax,
         offset,
@@ -54,22 +65,36 @@ def weight_args(packed: PackedWeight) -> tuple:
 def _from_args(weight: tuple, dtype: torch.dtype) -> PackedWeight:
     """The inverse of :func:`weight_args`; ``dtype``: the dtype the weight is used in."""
     codes, absmax, nested_absmax, offset, nested_dtype, quant_type, blocksize, out_features, in_features = weight
-    return PackedWeight(
-        packed=codes,
-        absmax=absmax,
-        quant_type=quant_type,
-        blocksize=blocksize,
-        shape=(out_features, in_features),
-        dtype=dtype,
-        nested_absmax=nested_absmax,
+    layout = QuantLayout(
+        quant_type,
+        blocksize,
+        (out_features, in_features),
+        dtype,
         offset=offset if nested_absmax is not None else None,
         nested_dtype=nested_dtype,
     )
+    return PackedWeight(codes, absmax, nested_absmax, layout)
+
+
+def quantize_4bit(
+    x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True
+) -> PackedWeight:
+    """``x`` (2-D, float32/bf16/fp16) as a 4-bit weight on ``x``'s device, through ``qlorakit::quantize_4bit``."""
+    codes, absmax, nested_absmax, offset = torch.ops.qlorakit.quantize_4bit(x, quant_type, blocksize, double_quant)
+    layout = QuantLayout(
+        quant_type, blocksize, tuple(x.shape), x.dtype, offset=float(offset) if nested_absmax is not None else None
+    )
+    return PackedWeight(codes, absmax, nested_absmax, layout)
 
 
 def dequantize_4bit(packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The 2-D weight ``[out_features, in_features]`` in ``dtype``, on its device."""
     return torch.ops.qlorakit.dequantize_4bit(*weight_args(packed), dtype)
+
+
+def gemv_4bit(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + b`` for ``x`` holding one row (``[in_features]`` or ``[1, ..., 1, in_features]``)."""
+    return torch.ops.qlorakit.gemv_4bit(x, *weight_args(packed), bias)
 
 
 def linear_4bit(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,6 +105,17 @@ def linear_4bit(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None
 # --- kernels: one function per op, registered for every device of DEVICES
 
 
+@torch.library.register_kernel("qlorakit::quantize_4bit", DEVICES)
+def _quantize_kernel(
+    x: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    from qlorakit.quantization import quantize
+
+    packed = quantize(x.detach().to("cpu").contiguous(), quant_type, blocksize, double_quant).to(x.device)
+    offset = torch.tensor(packed.offset if packed.offset is not None else 0.0, dtype=torch.float32, device=x.device)
+    return packed.codes, packed.absmax, packed.nested_absmax, offset
+
+
 @torch.library.register_kernel("qlorakit::dequantize_4bit", DEVICES)
 def _dequantize_kernel(*args: object) -> torch.Tensor:
     from qlorakit.nn.dispatch import dequantize_weight
@@ -88,16 +124,27 @@ def _dequantize_kernel(*args: object) -> torch.Tensor:
     return dequantize_weight(_from_args(tuple(weight), dtype), dtype)
 
 
-@torch.library.register_kernel("qlorakit::linear_4bit", DEVICES)
-def _linear_kernel(x: torch.Tensor, *args: object) -> torch.Tensor:
+def _linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     from qlorakit.nn.dispatch import dequantize_weight, matvec_weight
 
-    *weight, bias = args
-    packed = _from_args(tuple(weight), x.dtype)
     out = matvec_weight(packed, x, bias)
     if out is not None:
         return out
     return torch.nn.functional.linear(x, dequantize_weight(packed, x.dtype, reuse=True), bias)
+
+
+@torch.library.register_kernel("qlorakit::gemv_4bit", DEVICES)
+def _gemv_kernel(x: torch.Tensor, *args: object) -> torch.Tensor:
+    *weight, bias = args
+    if x.numel() != weight[-1]:
+        raise ValueError(f"gemv_4bit: x must hold one row of {weight[-1]} elements, got shape {tuple(x.shape)}")
+    return _linear(x, _from_args(tuple(weight), x.dtype), bias)
+
+
+@torch.library.register_kernel("qlorakit::linear_4bit", DEVICES)
+def _linear_kernel(x: torch.Tensor, *args: object) -> torch.Tensor:
+    *weight, bias = args
+    return _linear(x, _from_args(tuple(weight), x.dtype), bias)
 
 
 @torch.library.register_kernel("qlorakit::linear_4bit_grad_input", DEVICES)
@@ -117,6 +164,19 @@ def _dequantize_fake(codes: torch.Tensor, *args: object) -> torch.Tensor:
     return codes.new_empty((out_features, in_features), dtype=dtype)
 
 
+@torch.library.register_fake("qlorakit::quantize_4bit")
+def _quantize_fake(
+    x: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    numel = x.numel()
+    blocks = -(-numel // blocksize)
+    codes = x.new_empty(((numel + 1) // 2, 1), dtype=torch.uint8)
+    absmax = x.new_empty((blocks,), dtype=torch.uint8 if double_quant else torch.float32)
+    nested = x.new_empty((-(-blocks // NESTED_BLOCKSIZE),), dtype=torch.float32) if double_quant else None
+    return codes, absmax, nested, x.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("qlorakit::gemv_4bit")
 @torch.library.register_fake("qlorakit::linear_4bit")
 def _linear_fake(x: torch.Tensor, *args: object) -> torch.Tensor:
     *_, out_features, _in_features, _bias = args

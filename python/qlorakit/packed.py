@@ -17,7 +17,7 @@ import functools
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -37,24 +37,18 @@ SERIALIZED_SUFFIXES: tuple[str, ...] = (
 )
 
 
-@dataclass
-class PackedWeight:
-    """A blockwise 4-bit tensor.
+@dataclass(frozen=True)
+class QuantLayout:
+    """Everything about a 4-bit weight but its tensors: the fields of bitsandbytes' ``QuantState`` that
+    are not tensors. ``dtype`` and ``shape`` are those of the original tensor; ``offset`` is the mean
+    double quantization subtracted from the block scales (``None`` without double quantization);
+    ``nested_dtype`` the dtype bitsandbytes records for the nested scales; ``quant_storage`` the dtype
+    the codes are stored as in a checkpoint (uint8, or a float dtype FSDP1 setups use)."""
 
-    ``packed`` holds the codes as uint8 ``[(numel+1)//2, 1]``. Without double
-    quantization ``absmax`` is float32 ``[blocks]``; with it, ``absmax`` holds uint8
-    codes of the dynamic map, ``nested_absmax`` float32 ``[ceil(blocks/256)]`` scales and
-    ``offset`` the mean that was subtracted. ``dtype`` and ``shape`` are those of the
-    original tensor.
-    """
-
-    packed: torch.Tensor
-    absmax: torch.Tensor
     quant_type: str
     blocksize: int
     shape: tuple[int, ...]
     dtype: torch.dtype
-    nested_absmax: torch.Tensor | None = None
     offset: float | None = None
     nested_dtype: torch.dtype = torch.float32
     quant_storage: torch.dtype = torch.uint8
@@ -62,7 +56,7 @@ class PackedWeight:
     @property
     def double_quant(self) -> bool:
         """Whether the block scales are double-quantized."""
-        return self.nested_absmax is not None
+        return self.offset is not None
 
     @property
     def numel(self) -> int:
@@ -70,12 +64,58 @@ class PackedWeight:
         return math.prod(self.shape)
 
     @property
+    def blocks(self) -> int:
+        """Number of blocks (one scale each)."""
+        return math.ceil(self.numel / self.blocksize)
+
+
+@dataclass
+class PackedWeight:
+    """A blockwise 4-bit tensor: the one type every 4-bit operation takes (bitsandbytes' ``Params4bit`` data
+    plus its ``QuantState``).
+
+    ``codes`` holds the 4-bit codes as uint8 ``[(numel+1)//2, 1]``, two per byte, the first in the high
+    nibble. Without double quantization ``absmax`` is float32 ``[blocks]``; with it, ``absmax`` holds
+    uint8 codes of the dynamic map and ``nested_absmax`` float32 ``[ceil(blocks/256)]`` scales.
+    ``layout`` holds the rest (quant type, block size, shape, dtype, offset, ...); its fields read
+    through as attributes (``weight.quant_type``).
+    """
+
+    codes: torch.Tensor
+    absmax: torch.Tensor
+    nested_absmax: torch.Tensor | None
+    layout: QuantLayout
+
+    def __post_init__(self) -> None:
+        if (self.nested_absmax is None) == self.layout.double_quant:
+            raise QuantizationError("a double-quantized weight needs nested_absmax and an offset, a plain one neither")
+
+    quant_type = property(lambda self: self.layout.quant_type, doc="``nf4`` or ``fp4``.")
+    blocksize = property(lambda self: self.layout.blocksize, doc="Elements per block.")
+    shape = property(lambda self: self.layout.shape, doc="Shape of the original tensor.")
+    dtype = property(lambda self: self.layout.dtype, doc="Dtype of the original tensor.")
+    offset = property(lambda self: self.layout.offset, doc="Double quantization's offset (or None).")
+    nested_dtype = property(lambda self: self.layout.nested_dtype, doc="Recorded dtype of the nested scales.")
+    quant_storage = property(lambda self: self.layout.quant_storage, doc="Stored dtype of the codes.")
+    double_quant = property(lambda self: self.layout.double_quant, doc="Whether the scales are double-quantized.")
+    numel = property(lambda self: self.layout.numel, doc="Number of elements of the original tensor.")
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the packed codes and scales (excluding the constant tables)."""
-        total = self.packed.numel() * self.packed.element_size() + self.absmax.numel() * self.absmax.element_size()
+        total = self.codes.numel() * self.codes.element_size() + self.absmax.numel() * self.absmax.element_size()
         if self.nested_absmax is not None:
             total += self.nested_absmax.numel() * 4 + 4
         return total
+
+    def with_layout(self, **changes: object) -> PackedWeight:
+        """The same tensors with some layout fields changed (e.g. ``dtype``)."""
+        return PackedWeight(self.codes, self.absmax, self.nested_absmax, replace(self.layout, **changes))
+
+    def to(self, device: torch.device | str) -> PackedWeight:
+        """The weight with its tensors on ``device``."""
+        nested = self.nested_absmax.to(device) if self.nested_absmax is not None else None
+        return PackedWeight(self.codes.to(device), self.absmax.to(device), nested, self.layout)
 
     def quant_state_json(self) -> str:
         """The quant_state JSON bitsandbytes serializes (written by the core, the one
@@ -91,11 +131,11 @@ class PackedWeight:
 
     def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
         """The tensors a packed checkpoint stores, under bitsandbytes' key names."""
-        packed = self.packed
+        codes = self.codes
         if self.quant_storage != torch.uint8:
-            packed = packed.reshape(-1).view(self.quant_storage).unsqueeze(1)
+            codes = codes.reshape(-1).view(self.quant_storage).unsqueeze(1)
         tensors = {
-            prefix: packed,
+            prefix: codes,
             f"{prefix}.absmax": self.absmax,
             f"{prefix}.quant_map": code_table(self.quant_type),
         }
@@ -129,28 +169,27 @@ class PackedWeight:
         quant_type = state.get("quant_type")
         if quant_type not in QUANT_TYPES or not state_keys[0].endswith(quant_type):
             raise QuantizationError(f"{state_keys[0]}: unsupported quant_type {quant_type!r}")
-        packed = need(prefix)
-        quant_storage = packed.dtype
-        packed_u8 = packed.reshape(-1).view(torch.uint8).unsqueeze(1)
+        stored = need(prefix)
+        quant_storage = stored.dtype
+        codes = stored.reshape(-1).view(torch.uint8).unsqueeze(1)
         shape = tuple(int(d) for d in state["shape"])
         numel = math.prod(shape)
-        if packed_u8.shape[0] != (numel + 1) // 2:
+        if codes.shape[0] != (numel + 1) // 2:
             raise QuantizationError(
-                f"{prefix}: packed data holds {packed_u8.shape[0]} bytes, shape {list(shape)} needs {(numel + 1) // 2}"
+                f"{prefix}: packed data holds {codes.shape[0]} bytes, shape {list(shape)} needs {(numel + 1) // 2}"
             )
         nested = "nested_offset" in state
-        weight = cls(
-            packed=packed_u8,
-            absmax=need(f"{prefix}.absmax"),
+        layout = QuantLayout(
             quant_type=quant_type,
             blocksize=int(state["blocksize"]),
             shape=shape,
             dtype=dtype_from_name(state["dtype"]),
-            nested_absmax=need(f"{prefix}.nested_absmax").float() if nested else None,
             offset=float(state["nested_offset"]) if nested else None,
             nested_dtype=dtype_from_name(state.get("nested_dtype", "float32")),
             quant_storage=quant_storage,
         )
+        nested_absmax = need(f"{prefix}.nested_absmax").float() if nested else None
+        weight = cls(codes, need(f"{prefix}.absmax"), nested_absmax, layout)
         weight._check_tables(tensors, prefix)
         return weight
 

@@ -69,7 +69,7 @@ class LoraLinear4bit(PeftLoraLinear):
             base = self.get_base_layer()
             if self.lora_bias[active_adapter] and base.bias is None:
                 raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
-            merged = base.dequantized_weight(base.weight_dtype) + self.get_delta_weight(active_adapter)
+            merged = base.dequantized_weight(base.layout.dtype) + self.get_delta_weight(active_adapter)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs in the weights merged with adapter {active_adapter!r}; it seems to be broken")
             self._requantize(merged)
@@ -84,7 +84,7 @@ class LoraLinear4bit(PeftLoraLinear):
             if active_adapter not in self.lora_A:
                 continue
             base = self.get_base_layer()
-            self._requantize(base.dequantized_weight(base.weight_dtype) - self.get_delta_weight(active_adapter))
+            self._requantize(base.dequantized_weight(base.layout.dtype) - self.get_delta_weight(active_adapter))
             if self.lora_bias[active_adapter]:
                 self._shift_bias(active_adapter, -1.0)
 
@@ -100,8 +100,8 @@ class LoraLinear4bit(PeftLoraLinear):
         base = self.get_base_layer()
         old = base.packed_weight()
         packed = quantize(weight.detach().float().cpu().contiguous(), old.quant_type, old.blocksize, old.double_quant)
-        packed.dtype = old.dtype  # the dtype the layer stands for (to_dense, save) stays the checkpoint's
-        device = base.packed.device
+        packed = packed.with_layout(dtype=old.dtype)  # the dtype the layer stands for (to_dense, save) stays
+        device = base.weight.device
         new = Linear4bit(packed, None, base.compute_dtype).to(device)
         new.bias = base.bias
         new.source_cls = base.source_cls

@@ -6,8 +6,8 @@ memory of the given tensor or array; nothing is copied on the way in.
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from dataclasses import replace
 
 import torch
 
@@ -15,7 +15,7 @@ from qlorakit import _core
 from qlorakit._core import QuantizationError
 from qlorakit._native import ArrayLike, as_tensor, byte_view, element_dtype_name
 from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPES
-from qlorakit.packed import PackedWeight
+from qlorakit.packed import PackedWeight, QuantLayout
 from qlorakit.tables import dynamic_map
 
 
@@ -71,7 +71,7 @@ def quantize(
         double_quant,
     ):
         raise QuantizationError("out: PackedWeight layout does not match the input and options")
-    out.dtype = tensor.dtype
+    out.layout = replace(out.layout, dtype=tensor.dtype)
     if importance is not None and not scale_search:
         raise QuantizationError("importance: only used with scale_search=True")
     if scale_search:
@@ -83,16 +83,17 @@ def quantize(
         dtype,
         quant_type,
         blocksize,
-        byte_view(out.packed, "packed"),
+        byte_view(out.codes, "packed"),
         byte_view(absmax, "absmax"),
     )
     if double_quant:
         assert out.nested_absmax is not None
-        out.offset = _core.double_quantize(
+        offset = _core.double_quantize(
             byte_view(absmax, "absmax"),
             byte_view(out.absmax, "nested codes"),
             byte_view(out.nested_absmax, "nested scales"),
         )
+        out.layout = replace(out.layout, offset=offset)
     return out
 
 
@@ -106,16 +107,17 @@ def _search_into(out: PackedWeight, tensor: torch.Tensor, dtype: str, importance
                 f"got shape {tuple(weights.shape)}"
             )
     nested = out.nested_absmax
-    out.offset, *_ = _core.quantize_4bit_searched(
+    offset, *_ = _core.quantize_4bit_searched(
         byte_view(tensor, "input"),
         dtype,
         out.quant_type,
         out.blocksize,
-        byte_view(out.packed, "packed"),
+        byte_view(out.codes, "packed"),
         byte_view(out.absmax, "nested codes" if nested is not None else "absmax"),
         byte_view(nested, "nested scales") if nested is not None else None,
         byte_view(weights, "importance") if weights is not None else None,
     )
+    out.layout = replace(out.layout, offset=offset)
 
 
 def _empty_packed(
@@ -124,14 +126,10 @@ def _empty_packed(
     n = math.prod(shape)
     blocks = math.ceil(n / blocksize)
     return PackedWeight(
-        packed=torch.empty(((n + 1) // 2, 1), dtype=torch.uint8),
+        codes=torch.empty(((n + 1) // 2, 1), dtype=torch.uint8),
         absmax=torch.empty(blocks, dtype=torch.uint8 if double_quant else torch.float32),
-        quant_type=quant_type,
-        blocksize=blocksize,
-        shape=shape,
-        dtype=dtype,
         nested_absmax=torch.empty(math.ceil(blocks / NESTED_BLOCKSIZE), dtype=torch.float32) if double_quant else None,
-        offset=0.0 if double_quant else None,
+        layout=QuantLayout(quant_type, blocksize, shape, dtype, offset=0.0 if double_quant else None),
     )
 
 
@@ -187,7 +185,7 @@ def dequantize(
     is decoded there by the ``qlorakit::dequantize_4bit`` op (CuPy kernels, bit-identical to the CPU).
     """
     dtype = dtype or (out.dtype if out is not None else packed.dtype)
-    if packed.packed.device.type != "cpu":
+    if packed.codes.device.type != "cpu":
         return _dequantize_on_device(packed, dtype, out)
     if out is None:
         out = torch.empty(packed.shape, dtype=dtype)
@@ -198,7 +196,7 @@ def dequantize(
     dtype_name = element_dtype_name(out, "out")
     absmax = decode_absmax(packed)
     _core.dequantize_4bit(
-        byte_view(packed.packed.contiguous(), "packed"),
+        byte_view(packed.codes.contiguous(), "packed"),
         byte_view(absmax, "absmax"),
         packed.quant_type,
         packed.blocksize,
@@ -213,7 +211,7 @@ def _dequantize_on_device(packed: PackedWeight, dtype: torch.dtype, out: torch.T
     decodes a flat ``[1, numel]`` view)."""
     from qlorakit import ops
 
-    flat = dataclasses.replace(packed, shape=(1, packed.numel))
+    flat = packed.with_layout(shape=(1, packed.numel))
     result = ops.dequantize_4bit(flat, dtype).reshape(packed.shape)
     if out is None:
         return result

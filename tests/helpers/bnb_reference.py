@@ -30,8 +30,8 @@ def assert_same_packing(x: torch.Tensor, quant_type: str, blocksize: int) -> qlo
     ref_packed, ref_state = bnb_quantize(x, quant_type, blocksize, double_quant=False)
     ours = qlorakit.quantize(x, quant_type, blocksize, double_quant=False)
     context = f"{quant_type} bs={blocksize} shape={tuple(x.shape)} dtype={x.dtype}"
-    assert ours.packed.shape == ref_packed.shape, context
-    mismatched = (ours.packed != ref_packed).nonzero()
+    assert ours.codes.shape == ref_packed.shape, context
+    mismatched = (ours.codes != ref_packed).nonzero()
     assert mismatched.numel() == 0, f"{context}: {mismatched.shape[0]} packed bytes differ, first {mismatched[:4]}"
     assert torch.equal(ours.absmax.view(torch.int32), ref_state.absmax.view(torch.int32)), f"{context}: absmax differs"
     return ours
@@ -60,7 +60,7 @@ def compare_nested(x: torch.Tensor, quant_type: str, blocksize: int) -> NestedCo
     offset differs (its CPU mean depends on torch's thread count)."""
     ref_packed, ref_state = bnb_quantize(x, quant_type, blocksize, double_quant=True)
     ours = qlorakit.quantize(x, quant_type, blocksize, double_quant=True)
-    assert torch.equal(ours.packed, ref_packed)
+    assert torch.equal(ours.codes, ref_packed)
     true_absmax = qlorakit.quantize(x, quant_type, blocksize, double_quant=False).absmax
 
     ref_offset = float(ref_state.offset)

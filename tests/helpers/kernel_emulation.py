@@ -20,7 +20,6 @@ Also here: ``GuardedBuffers`` (arrays that end at an inaccessible page, to catch
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import hashlib
 import mmap
 import os
@@ -228,12 +227,7 @@ class GuardedBuffers:
 
 def cpu_packed(packed: PackedWeight) -> PackedWeight:
     """``packed`` with its tensors on the CPU."""
-    return dataclasses.replace(
-        packed,
-        packed=packed.packed.cpu(),
-        absmax=packed.absmax.cpu(),
-        nested_absmax=packed.nested_absmax.cpu() if packed.nested_absmax is not None else None,
-    )
+    return packed.to("cpu")
 
 
 def assert_gemv_close(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None, got: torch.Tensor) -> None:

@@ -53,8 +53,8 @@ def dequantize_4bit(packed: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     bfloat16), bit-identical to :func:`qlorakit.dequantize` on the CPU."""
     if dtype not in KERNEL_DTYPES:
         raise QlorakitError(f"the CUDA dequantize kernels write float32, float16 or bfloat16, not {dtype}")
-    device = packed.packed.device
-    codes = _aligned(packed.packed.reshape(-1), DEQUANTIZE_ALIGNMENT["packed"])
+    device = packed.codes.device
+    codes = _aligned(packed.codes.reshape(-1), DEQUANTIZE_ALIGNMENT["packed"])
     absmax, nested_absmax, offset = _scales(packed, device)
     out = torch.empty(packed.shape, dtype=dtype, device=device)
     assert out.data_ptr() % DEQUANTIZE_ALIGNMENT["out"] == 0  # the caching allocator aligns to 512 bytes
@@ -83,8 +83,8 @@ def gemv_4bit(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None =
         raise QlorakitError(f"the CUDA gemv kernels take float32, float16 or bfloat16, not {x.dtype}")
     if x.numel() != cols:
         raise QlorakitError(f"gemv needs one input row of {cols} elements, got shape {list(x.shape)}")
-    device = packed.packed.device
-    codes = packed.packed.reshape(-1).contiguous()
+    device = packed.codes.device
+    codes = packed.codes.reshape(-1).contiguous()
     x = x.reshape(-1).contiguous()
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()

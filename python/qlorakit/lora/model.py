@@ -93,7 +93,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
             if is_dense_linear(base):
                 weight, dtype = base.weight.float(), base.weight.dtype
             else:  # a 4-bit base: dequantization is exact in float32
-                weight, dtype = base.dequantized_weight(torch.float32), base.weight_dtype
+                weight, dtype = base.dequantized_weight(torch.float32), base.layout.dtype
             merged = (weight + module.delta_weight().to(weight.device)).to(dtype)
         if is_dense_linear(base):  # keeps its class (e.g. Falcon's FalconLinear)
             base.weight = nn.Parameter(merged, requires_grad=False)

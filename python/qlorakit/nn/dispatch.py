@@ -52,7 +52,7 @@ def dequantize_weight(packed: PackedWeight, dtype: torch.dtype, reuse: bool = Fa
     result is then valid only until the next reusing call with the same shape and dtype
     (``Linear4bit`` uses it within one matmul). On CUDA every call returns a fresh tensor: the
     caching allocator makes that cheap, and a shared buffer would race with work queued on other streams."""
-    device = packed.packed.device
+    device = packed.codes.device
     if device.type == "cpu":
         if dtype in _CORE_DTYPES:
             out = _workspace(tuple(packed.shape), dtype) if reuse else None
@@ -74,7 +74,7 @@ def matvec_weight(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | No
     and multiplies. CPU: the Rust core's ``gemv_4bit``; CUDA: the CuPy kernel. Both decode each weight element
     as dequantization does and sum in float32, so the result is dequantize-then-``F.linear`` up to the
     summation order."""
-    if packed.packed.device != x.device or len(packed.shape) != 2:
+    if packed.codes.device != x.device or len(packed.shape) != 2:
         return None
     if x.numel() != packed.shape[1] or x.dim() == 0:
         return None
@@ -104,7 +104,7 @@ def _gemv_cpu(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None) 
         bias = bias.to(x.dtype).contiguous()
     out = torch.empty(rows, dtype=x.dtype)
     _core.gemv_4bit(
-        byte_view(packed.packed.contiguous(), "packed"),
+        byte_view(packed.codes.contiguous(), "packed"),
         byte_view(decode_absmax(packed), "absmax"),
         packed.quant_type,
         packed.blocksize,

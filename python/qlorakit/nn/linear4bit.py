@@ -24,11 +24,27 @@ from torch import nn
 from qlorakit import ops
 from qlorakit._core import QuantizationError
 from qlorakit.nn.dispatch import dequantize_weight
-from qlorakit.packed import SERIALIZED_SUFFIXES, PackedWeight
+from qlorakit.packed import SERIALIZED_SUFFIXES, PackedWeight, QuantLayout
 from qlorakit.quantization import quantize
 
-#: The buffers that hold a layer's 4-bit weight (its state dict holds bitsandbytes' names instead).
-_WEIGHT_BUFFERS = ("packed", "absmax", "nested_absmax")
+#: The parameters that hold a layer's 4-bit weight, by the ``PackedWeight`` field each one holds.
+_WEIGHT_PARAMETERS = {"weight": "codes", "absmax": "absmax", "nested_absmax": "nested_absmax"}
+
+
+def _as_integers(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A float32 scale tensor as its int32 bit patterns (a view; uint8 codes stay as they are)."""
+    if tensor is None or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(torch.float32).view(torch.int32)
+
+
+def _as_floats(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The inverse of :func:`_as_integers`."""
+    return tensor.view(torch.float32) if tensor is not None and tensor.dtype == torch.int32 else tensor
+
+
+def _frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    return nn.Parameter(tensor, requires_grad=False) if tensor is not None else None
 
 
 class Linear4bit(nn.Linear):
@@ -36,32 +52,32 @@ class Linear4bit(nn.Linear):
 
     A subclass of ``nn.Linear``, as bitsandbytes' ``Linear4bit`` is: code that finds a model's linear
     layers by type (PEFT's ``target_modules="all-linear"``, transformers' module walks) finds these.
-    Its ``weight`` is the packed uint8 codes, never a floating-point matrix.
 
-    Buffers: ``packed`` uint8 ``[(out*in+1)//2, 1]``, ``absmax`` (uint8 nested codes, or
-    float32), ``nested_absmax`` float32 (double quantization only). The input is cast to
-    ``compute_dtype`` (bf16 by default, fp16, fp32 or fp64) and the output back to the
-    input's dtype. The bias, if any, is a frozen parameter in its stored dtype.
+    The weight is one :class:`~qlorakit.packed.PackedWeight` (:meth:`packed_weight`): its tensors are this
+    layer's frozen parameters and its :class:`~qlorakit.packed.QuantLayout` is :attr:`layout`, held once.
+    Parameters, never floating point: ``weight`` the uint8 codes ``[(out*in+1)//2, 1]`` (as bitsandbytes'
+    ``Linear4bit.weight``), ``absmax`` the block scales (uint8 nested codes, or float32 scales stored as
+    their int32 bit patterns), ``nested_absmax`` the nested scales as int32 bit patterns (double
+    quantization only). Being parameters, FSDP2's ``fully_shard`` shards them (as bytes: FSDP2 all-gathers
+    groups of mixed dtypes as uint8); being integers, nothing that casts a model's floating-point
+    tensors (``model.to(torch.bfloat16)``, FSDP2's ``MixedPrecisionPolicy``, PEFT's k-bit preparation)
+    can change a scale. The input is cast to ``compute_dtype`` (bf16 by default, fp16, fp32 or fp64) and
+    the output back to the input's dtype. The bias, if any, is a frozen parameter in its stored dtype.
     """
 
     def __init__(
-        self, packed: PackedWeight, bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16
+        self, weight: PackedWeight, bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16
     ):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a full-precision weight
-        if len(packed.shape) != 2:
-            raise ValueError(f"Linear4bit needs a 2-D weight, got shape {packed.shape}")
-        self.out_features, self.in_features = packed.shape
+        if len(weight.shape) != 2:
+            raise ValueError(f"Linear4bit needs a 2-D weight, got shape {weight.shape}")
+        self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype
-        self.quant_type = packed.quant_type
-        self.blocksize = packed.blocksize
-        self.weight_dtype = packed.dtype
-        self.offset = packed.offset
-        self.nested_dtype = packed.nested_dtype
-        self.quant_storage = packed.quant_storage
-        self.register_buffer("packed", packed.packed)
-        self.register_buffer("absmax", packed.absmax)
-        self.register_buffer("nested_absmax", packed.nested_absmax)
-        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.layout: QuantLayout = weight.layout
+        self.weight = _frozen(weight.codes)
+        self.absmax = _frozen(_as_integers(weight.absmax))
+        self.nested_absmax = _frozen(_as_integers(weight.nested_absmax))
+        self.bias = _frozen(bias)
         #: The class of the full-precision layer this one stands for (GPT-2's ``Conv1D`` stores
         #: its weight ``[in, out]``); :meth:`to_dense` rebuilds it.
         self.source_cls: type[nn.Module] = nn.Linear
@@ -81,25 +97,21 @@ class Linear4bit(nn.Linear):
         return cls(packed, bias, compute_dtype)
 
     @property
-    def weight(self) -> torch.Tensor:
-        """The packed 4-bit codes (uint8), as bitsandbytes' ``Linear4bit.weight`` holds them: code that
-        walks a model's ``.weight`` tensors (transformers' weight initialization) finds them here."""
-        return self.packed
+    def quant_type(self) -> str:
+        return self.layout.quant_type
+
+    @property
+    def blocksize(self) -> int:
+        return self.layout.blocksize
+
+    def quantized_parameters(self) -> list[nn.Parameter]:
+        """The parameters that hold the 4-bit weight (not the bias)."""
+        return [p for name in _WEIGHT_PARAMETERS if (p := getattr(self, name)) is not None]
 
     def packed_weight(self) -> PackedWeight:
-        """The weight as a ``PackedWeight`` sharing this layer's buffers."""
-        return PackedWeight(
-            packed=self.packed,
-            absmax=self.absmax,
-            quant_type=self.quant_type,
-            blocksize=self.blocksize,
-            shape=(self.out_features, self.in_features),
-            dtype=self.weight_dtype,
-            nested_absmax=self.nested_absmax,
-            offset=self.offset,
-            nested_dtype=self.nested_dtype,
-            quant_storage=self.quant_storage,
-        )
+        """The weight as a ``PackedWeight`` over this layer's parameters (no copy). Assembled on each call:
+        the parameters are the tensors of record (FSDP2 swaps sharded and gathered ones in and out)."""
+        return PackedWeight(self.weight, _as_floats(self.absmax), _as_floats(self.nested_absmax), self.layout)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W ``[out_features, in_features]`` in ``dtype`` (default: the compute dtype)."""
@@ -109,7 +121,7 @@ class Linear4bit(nn.Linear):
         """The full-precision layer of :attr:`source_cls` with ``weight`` (``[out, in]``; default: this
         layer's, dequantized to the dtype it was quantized from) and this layer's bias."""
         if weight is None:
-            weight = self.dequantized_weight(torch.float32).to(self.weight_dtype)
+            weight = self.dequantized_weight(torch.float32).to(self.layout.dtype)
         with torch.device("meta"):
             if issubclass(self.source_cls, nn.Linear):
                 dense = self.source_cls(self.in_features, self.out_features, bias=self.bias is not None)
@@ -122,7 +134,7 @@ class Linear4bit(nn.Linear):
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         """bitsandbytes' tensors for the weight (``PackedWeight.state_dict``), then the bias."""
-        device = self.packed.device
+        device = self.weight.device
         for name, tensor in self.packed_weight().state_dict(f"{prefix}weight").items():
             destination[name] = tensor if keep_vars else tensor.detach().to(device)
         if self.bias is not None:
@@ -183,26 +195,25 @@ class Linear4bit(nn.Linear):
             )
             return
         current = self.packed_weight()
-        for name in _WEIGHT_BUFFERS:
-            ours, theirs = getattr(current, name), getattr(loaded, name)
+        for field in _WEIGHT_PARAMETERS.values():
+            ours, theirs = getattr(current, field), getattr(loaded, field)
             if (ours is None) != (theirs is None) or (ours is not None and ours.shape != theirs.shape):
                 error_msgs.append(
-                    f"size mismatch for {weight_key}: its {name} does not fit this layer's (block size "
+                    f"size mismatch for {weight_key}: its {field} does not fit this layer's (block size "
                     f"{loaded.blocksize} vs {self.blocksize}, double quantization {loaded.double_quant} vs "
                     f"{current.double_quant})"
                 )
                 return
         with torch.no_grad():
-            for name in _WEIGHT_BUFFERS:
-                theirs = getattr(loaded, name)
+            for name, field in _WEIGHT_PARAMETERS.items():
+                theirs = _as_integers(getattr(loaded, field))
                 if theirs is None:
                     continue
                 if assign:
-                    setattr(self, name, theirs)
+                    setattr(self, name, _frozen(theirs))
                 else:
                     getattr(self, name).copy_(theirs)
-        self.quant_type, self.blocksize, self.weight_dtype = loaded.quant_type, loaded.blocksize, loaded.dtype
-        self.offset, self.nested_dtype, self.quant_storage = loaded.offset, loaded.nested_dtype, loaded.quant_storage
+        self.layout = loaded.layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
