@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -21,12 +22,13 @@ _LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 _PEFT_KEY_PREFIX = "base_model.model."
 
 
-def _adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def _adapter_state_dict(model: nn.Module, source: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name, module in lora_modules(model):
         for part in ("lora_A", "lora_B"):
-            weight = getattr(module, part).weight
-            tensors[f"{_PEFT_KEY_PREFIX}{name}.{part}.weight"] = weight.detach().to("cpu").contiguous()
+            key = f"{name}.{part}.weight"
+            weight = source[key] if source is not None else getattr(module, part).weight
+            tensors[f"{_PEFT_KEY_PREFIX}{key}"] = weight.detach().to("cpu").contiguous()
     return tensors
 
 
@@ -36,6 +38,7 @@ def save_adapter(
     config: LoraConfig | None = None,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
+    tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's format into ``directory``
     (created if needed) and returns its path.
@@ -45,7 +48,8 @@ def save_adapter(
     :func:`load_adapter`) built the adapters with; a given one must describe the model's adapters: the modules
     it targets must be exactly the wrapped ones, with the same rank and scaling (else ``ValueError``), so that
     PEFT and :func:`load_adapter` rebuild the same function. ``base_model_name_or_path`` defaults to the model's
-    ``name_or_path`` (as PEFT does)."""
+    ``name_or_path`` (as PEFT does). ``tensors``: the adapter weights to write, by parameter name (default the
+    model's own; :func:`qlorakit.distributed.save_adapter` passes them gathered from a sharded model)."""
     from safetensors.torch import save_file
 
     wrapped = lora_modules(model)
@@ -74,7 +78,7 @@ def save_adapter(
     out.mkdir(parents=True, exist_ok=True)
     peft_dict = config.to_peft_dict(task_type=task_type, base_model_name_or_path=base_model_name_or_path)
     (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(peft_dict, indent=2, sort_keys=True) + "\n")
-    save_file(_adapter_state_dict(model), str(out / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(_adapter_state_dict(model, tensors), str(out / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     return out
 
 
