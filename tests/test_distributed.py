@@ -4,10 +4,6 @@ launch it, and compared with one process running the same micro-batches (gradien
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,25 +13,11 @@ from safetensors.torch import load_file
 import qlorakit
 import qlorakit.distributed as qdist
 from helpers.checkpoints import save_tiny_llama
+from helpers.processes import run_train_fsdp
 from qlorakit._native import byte_view
 from qlorakit.nn import Linear4bit
 
-SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "train_fsdp.py"
 ADAPTER = "adapter/adapter_model.safetensors"
-
-
-def _launch(packed: Path, out: Path, *args: str, ranks: int = 1) -> dict:
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}"] if ranks > 1 else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [*(launcher or [sys.executable]), str(SCRIPT), str(packed), "--out", str(out), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return json.loads((out / "result.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +29,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {
         "packed": packed,
         "root": root,
-        "fsdp": _launch(packed, root / "fsdp", "--save-base", ranks=2),
-        "ddp": _launch(packed, root / "ddp", "--parallel", "ddp", ranks=2),
-        "single": _launch(packed, root / "single", "--accumulate", "2"),
+        "fsdp": run_train_fsdp(packed, root / "fsdp", "--save-base", ranks=2),
+        "ddp": run_train_fsdp(packed, root / "ddp", "--parallel", "ddp", ranks=2),
+        "single": run_train_fsdp(packed, root / "single", "--accumulate", "2"),
     }
 
 

@@ -273,3 +273,27 @@ def test_public_dequantize_and_compile_on_cuda(monkeypatch):
     torch._dynamo.reset()
     assert torch.equal(compiled, expected)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 with NCCL needs 2 or more CUDA GPUs")
+def test_fsdp2_with_nccl_shards_the_base_and_trains_as_one_gpu(tmp_path):
+    """tests/test_distributed.py's check on GPUs: torchrun, 2 ranks, NCCL, the 4-bit base sharded by plain
+    fully_shard; the adapters after 3 steps equal one GPU's with gradient accumulation over the same micro-batches
+    (within float32 reduction-order noise: NCCL and one GPU sum in different orders)."""
+    from safetensors.torch import load_file
+
+    from helpers.checkpoints import save_tiny_llama
+    from helpers.processes import run_train_fsdp
+
+    save_tiny_llama(tmp_path / "src")
+    qlorakit.quantize_checkpoint(tmp_path / "src", tmp_path / "packed")
+    sharded = run_train_fsdp(tmp_path / "packed", tmp_path / "fsdp", ranks=2)
+    single = run_train_fsdp(tmp_path / "packed", tmp_path / "single", "--accumulate", "2")
+    assert all(r["held_4bit_bytes"] <= 0.6 * sharded["total_4bit_bytes"] for r in sharded["ranks"])
+    ours = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))
+    reference = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(reference)
+    for key, tensor in reference.items():
+        assert torch.allclose(ours[key], tensor, rtol=0, atol=1e-5), key
+    assert sharded["losses"] == pytest.approx(single["losses"], abs=1e-4)

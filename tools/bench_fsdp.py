@@ -66,14 +66,17 @@ def main(argv: list[str] | None = None) -> int:
             rows[ranks] = _run(args.packed, ranks, args, Path(scratch) / str(ranks))
     base = rows[min(rows)]
     step_1 = _step_seconds(base)
-    print(f"{'ranks':>5} {'4-bit base per rank':>20} {'peak RSS per rank (MiB)':>26} {'step s':>8} {'vs 1 rank':>9}")
+    print("per rank (the largest over the ranks), MiB: peak RSS = ru_maxrss; private / file-backed = RssAnon / RssFile")
+    print("at the end of each step (file-backed: the memory-mapped checkpoint's pages, shared and reclaimable)")
+    print(f"{'ranks':>5} {'4-bit base':>17} {'peak RSS':>9} {'private':>8} {'file':>6} {'step s':>8} {'vs 1st':>7}")
     for ranks, result in rows.items():
         held = max(r["held_4bit_bytes"] for r in result["ranks"])
-        rss = max(r["peak_rss_bytes"] for r in result["ranks"]) / 2**20
+        mib = {key: max(r[key] for r in result["ranks"]) / 2**20 for key in result["ranks"][0] if key.endswith("bytes")}
         step = _step_seconds(result)
         print(
-            f"{ranks:>5} {held / 2**20:>11.1f} MiB {held / result['total_4bit_bytes']:>5.2f}x "
-            f"{rss:>20.0f} (max) {step:>8.2f} {step / step_1:>8.2f}x"
+            f"{ranks:>5} {held / 2**20:>8.1f} {held / result['total_4bit_bytes']:>5.2f}x "
+            f"{mib['peak_rss_bytes']:>10.0f} "
+            f"{mib['max_private_bytes']:>8.0f} {mib['max_file_backed_bytes']:>6.0f} {step:>8.2f} {step / step_1:>6.2f}x"
         )
     return 0
 

@@ -5,18 +5,19 @@ A complete example, and what tests/test_distributed.py and tools/bench_fsdp.py r
     torchrun --nproc-per-node 2 tools/train_fsdp.py PACKED_DIR --out runs/fsdp            # FSDP2 (default)
     torchrun --nproc-per-node 2 tools/train_fsdp.py PACKED_DIR --parallel ddp --out runs/ddp
     python tools/train_fsdp.py PACKED_DIR --accumulate 2 --out runs/single                 # one process
-    accelerate launch --config_file fsdp2.yaml tools/train_fsdp.py PACKED_DIR --out runs/fsdp
+    accelerate launch --multi_gpu --num_processes 2 tools/train_fsdp.py PACKED_DIR --out runs/fsdp
 
-(accelerate only starts the processes here: the script shards the model itself, so any accelerate config with
-the right number of processes works.) On GPUs the backend is NCCL and each rank takes the GPU of its local
-rank; on the CPU it is gloo. The model is sharded with plain ``fully_shard``: each decoder layer (the module
-classes transformers lists in ``model._no_split_modules``, as accelerate's FSDP wrap policy uses them), then
-the whole model. Each step every rank runs ``--accumulate`` micro-batches; micro-batch ``i`` of a step is the
-same on any number of ranks, so one process with ``--accumulate N`` computes what N ranks with 1 compute.
+(accelerate only starts the processes here, as torchrun does: the script shards the model itself with
+``fully_shard`` and does not go through ``Accelerator.prepare``.) On GPUs the backend is NCCL and each rank takes
+the GPU of its local rank; on the CPU it is gloo. The model is sharded with plain ``fully_shard``: each decoder
+layer (the module classes transformers lists in ``model._no_split_modules``, as accelerate's FSDP wrap policy uses
+them), the embeddings and the head (when not tied), then the whole model. Each step every rank runs
+``--accumulate`` micro-batches; micro-batch ``i`` of a step is the same on any number of ranks, so one process
+with ``--accumulate N`` computes what N ranks with 1 compute.
 
 Writes into ``--out``: ``adapter/`` (PEFT's format, from rank 0), ``base/`` with ``--save-base`` (the 4-bit base
 gathered from the shards, in bitsandbytes' format) and ``result.json`` (losses, the 4-bit bytes each rank holds,
-peak RSS per rank, step times).
+peak, private and file-backed RSS per rank, step times).
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ def _shard(model: torch.nn.Module, device: torch.device, world: int) -> None:
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
         raise SystemExit(f"{type(model).__name__} lists no decoder layer classes (_no_split_modules)")
+    # The embeddings and the head as their own groups too (unless tied: a shared parameter belongs to one group),
+    # so that they are gathered only while used rather than held in full by the root from forward to backward.
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outputs is not None and outputs.weight is not inputs.weight:
+        layers += [inputs, outputs]
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -96,22 +102,38 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _memory_bytes() -> dict[str, int]:
+    """This process's resident memory now: private (``RssAnon``) and file-backed (``RssFile``: pages of the
+    memory-mapped checkpoint, shared with other processes and reclaimable)."""
+    fields = {}
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                fields[key] = int(value.split()[0]) * 1024
+    return {"private_bytes": fields.get("RssAnon", 0), "file_backed_bytes": fields.get("RssFile", 0)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     rank, world, device = _setup()
     compute_dtype = getattr(torch, args.compute_dtype)
-    model = qlorakit.from_pretrained(args.packed, device=device, compute_dtype=compute_dtype)
+    sharded = world > 1 and args.parallel == "fsdp"
+    # Under FSDP2 the model stays on the CPU, memory-mapped: fully_shard moves each module to the device as it
+    # shards it, so a device never holds more than one full layer.
+    load_device = torch.device("cpu") if sharded else device
+    model = qlorakit.from_pretrained(args.packed, device=load_device, compute_dtype=compute_dtype)
     torch.manual_seed(args.seed)  # the same adapter initialization on every rank and in one process
     config = qlorakit.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
     qlorakit.add_lora(model, config)
     training = model
-    if world > 1 and args.parallel == "fsdp":
+    if sharded:
         _shard(model, device, world)
     elif world > 1:
         training = torch.nn.parallel.DistributedDataParallel(model)
     held, total = qdist.quantized_bytes(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     data = _batches(args, model.config.vocab_size, world)
-    losses, step_seconds = [], []
+    losses, step_seconds, memory = [], [], []
     model.train()
     for step in range(args.steps):
         start = time.perf_counter()
@@ -127,11 +149,17 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             dist.all_reduce(step_loss)
         losses.append(float(step_loss) / world)
         step_seconds.append(time.perf_counter() - start)
+        memory.append(_memory_bytes())
     args.out.mkdir(parents=True, exist_ok=True)
     qdist.save_adapter(model, args.out / "adapter")
     if args.save_base:
         qdist.save_base_checkpoint(model, args.out / "base", force=True)
-    per_rank = {"held_4bit_bytes": held, "peak_rss_bytes": _peak_rss_bytes()}
+    per_rank = {
+        "held_4bit_bytes": held,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "max_private_bytes": max(m["private_bytes"] for m in memory),
+        "max_file_backed_bytes": max(m["file_backed_bytes"] for m in memory),
+    }
     gathered = [per_rank]
     if world > 1:
         gathered = [None] * world

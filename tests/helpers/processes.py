@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,3 +24,22 @@ def load_script(path: Path, module_name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look the module up while it executes
     spec.loader.exec_module(module)
     return module
+
+
+#: The FSDP2 / DDP example script, run by the distributed tests (CPU and GPU).
+TRAIN_FSDP = Path(__file__).resolve().parents[2] / "tools" / "train_fsdp.py"
+
+
+def run_train_fsdp(packed: Path, out: Path, *args: str, ranks: int = 1) -> dict:
+    """``tools/train_fsdp.py PACKED --out OUT ARGS``: with torchrun over ``ranks`` processes (one process without
+    a launcher when ``ranks`` is 1); asserts every process exited 0 and returns its ``result.json``."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}"] if ranks > 1 else []
+    done = subprocess.run(
+        [*(launcher or [sys.executable]), str(TRAIN_FSDP), str(packed), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return json.loads((out / "result.json").read_text())
