@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(args.micro_batches % ranks for ranks in args.ranks):
         parser.error(f"--micro-batches {args.micro_batches} must divide by every world size {args.ranks}")
     device = "CUDA, NCCL" if _has_cuda() else f"CPU, gloo, {args.threads} thread(s) per rank"
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        device += f", MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
     print(
         f"{args.packed}: {args.steps} steps of {args.micro_batches} x {args.micro_batch} x {args.seq_len} tokens "
         f"({device})"
