@@ -31,6 +31,10 @@ pub enum QuantError {
     #[error("importance weights: {0}")]
     BadImportance(String),
 
+    /// A calibration Hessian (`X^T X`) that GPTQ cannot use.
+    #[error("hessian: {0}")]
+    BadHessian(String),
+
     /// An input or output buffer whose length does not match what the operation needs.
     #[error("{what} has {actual} elements, expected {expected}")]
     LengthMismatch {

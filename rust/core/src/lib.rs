@@ -16,6 +16,7 @@ pub mod element;
 pub mod encode;
 pub mod error;
 pub mod gemv;
+pub mod gptq;
 pub mod layout;
 pub mod mean;
 pub mod packed;
