@@ -120,7 +120,7 @@ pub fn quant_state_json(
 /// `progress(tensors_done, tensors_total, bytes_done, bytes_total, name)` is called after
 /// each tensor. Returns the report as a dict.
 #[pyfunction]
-#[pyo3(signature = (source, out_dir, selected, quant_type, blocksize, double_quant, max_shard_bytes, metadata, threads=None, progress=None, scale_search=false, importance=None, transposed=Vec::new(), durable=true))]
+#[pyo3(signature = (source, out_dir, selected, quant_type, blocksize, double_quant, max_shard_bytes, metadata, threads=None, progress=None, scale_search=false, importance=None, transposed=Vec::new(), durable=true, hessians=None, gptq_damp=qlorakit_core::gptq::DEFAULT_DAMP))]
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_checkpoint<'py>(
     py: Python<'py>,
@@ -138,6 +138,8 @@ pub fn quantize_checkpoint<'py>(
     importance: Option<PathBuf>,
     transposed: Vec<String>,
     durable: bool,
+    hessians: Option<PathBuf>,
+    gptq_damp: f64,
 ) -> PyResult<Bound<'py, PyDict>> {
     let options = Options {
         quant_type: parse_quant_type(quant_type)?,
@@ -147,6 +149,8 @@ pub fn quantize_checkpoint<'py>(
         error_sample_stride: checkpoint::ERROR_SAMPLE_STRIDE,
         scale_search,
         importance,
+        hessians,
+        gptq_damp,
         durable,
     };
     let transposed: HashSet<String> = transposed.into_iter().collect();
@@ -275,6 +279,22 @@ pub fn quantize_checkpoint<'py>(
         }
     }
     dict.set_item("search", search)?;
+    // GPTQ, per calibrated tensor: output errors on the calibration inputs.
+    let gptq = PyDict::new(py);
+    for t in &report.tensors {
+        if let Some(r) = &t.gptq {
+            gptq.set_item(
+                &t.name,
+                (
+                    r.output_error,
+                    r.absmax_output_error,
+                    r.searched_output_error,
+                    r.chosen,
+                ),
+            )?;
+        }
+    }
+    dict.set_item("gptq", gptq)?;
     dict.set_item("shards", report.shards)?;
     dict.set_item("seconds", report.seconds)?;
     Ok(dict)

@@ -6,6 +6,7 @@
 //! writability, length and alignment before Rust touches it.
 
 mod checkpoint;
+mod gptq;
 
 use half::{bf16, f16};
 use pyo3::buffer::PyBuffer;
@@ -403,6 +404,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(gemv_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_4bit_searched, m)?)?;
+    m.add_function(wrap_pyfunction!(gptq::quantize_4bit_gptq, m)?)?;
     m.add_function(wrap_pyfunction!(double_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_absmax, m)?)?;
     m.add_function(wrap_pyfunction!(torch_order_mean, m)?)?;

@@ -1,6 +1,7 @@
 //! Whole-checkpoint quantization: safetensors in, bitsandbytes-format safetensors out.
 
 pub mod error;
+pub mod hessian;
 pub mod importance;
 pub mod pipeline;
 pub mod quant_state;
@@ -9,6 +10,7 @@ pub mod source;
 pub mod writer;
 
 pub use error::CheckpointError;
+pub use hessian::GptqSummary;
 pub use pipeline::{
     quantize_checkpoint, Options, Orientation, Progress, Report, SearchSummary, Selection,
     TensorReport, ERROR_SAMPLE_STRIDE,

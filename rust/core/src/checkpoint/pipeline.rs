@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use super::error::{CheckpointError, Result};
+use super::hessian::{GptqSummary, HessianFile};
 use super::importance::ImportanceFile;
 use super::quant_state::{quant_state_key, QuantState};
 use super::safetensors::{Dtype, SafetensorsFile, TensorInfo};
@@ -20,6 +21,7 @@ use super::writer::{EntrySpec, ShardWriter};
 use crate::codebook::QuantType;
 use crate::double_quant::{dequantize_absmax, double_quantize};
 use crate::element::Element;
+use crate::gptq::{quantize_4bit_gptq, HessianFactor};
 use crate::layout::{nested_blocks, packed_len, Blocksize};
 use crate::quantize::quantize_4bit;
 use crate::scale_search::{quantize_4bit_searched, Importance, ScaleStore, SearchReport};
@@ -39,6 +41,12 @@ pub struct Options {
     /// With `scale_search`: a safetensors file of per-input-column importance vectors
     /// (see [`super::importance`]).
     pub importance: Option<PathBuf>,
+    /// Calibration Hessians (see [`super::hessian`]): the tensors they cover are
+    /// quantized with GPTQ (see [`crate::gptq`]), its block scales searched when
+    /// `scale_search` is set.
+    pub hessians: Option<PathBuf>,
+    /// GPTQ's relative damping ([`crate::gptq::DEFAULT_DAMP`]).
+    pub gptq_damp: f64,
     /// Sync every shard to disk before it counts as written. Off only for a scratch output
     /// that is read back at once and deleted (nothing to lose in a crash).
     pub durable: bool,
@@ -85,6 +93,8 @@ pub struct TensorReport {
     pub squared_norm: f64,
     /// With scale search: the exact errors with and without it.
     pub search: Option<SearchSummary>,
+    /// With a calibration Hessian: GPTQ's output errors.
+    pub gptq: Option<GptqSummary>,
 }
 
 /// Scale search's outcome for one tensor: exact sums over all its elements, weighted by
@@ -154,6 +164,10 @@ pub fn quantize_checkpoint(
         (Some(path), true) => Some(ImportanceFile::open(path)?),
         _ => None,
     };
+    let mut hessians = match &options.hessians {
+        Some(path) => Some(HessianFile::open(path, options.gptq_damp)?),
+        None => None,
+    };
     let mut work = Workspace::default();
     let mut reports = Vec::with_capacity(plan.len());
     let mut shard_files = Vec::with_capacity(shard_count);
@@ -193,7 +207,13 @@ pub fn quantize_checkpoint(
             let planned = &plan[i];
             planned.file.prefetch(planned.info);
             let report = if planned.quantize {
-                work.quantize_into(planned, options, importance.as_ref(), &mut writer)?
+                work.quantize_into(
+                    planned,
+                    options,
+                    importance.as_ref(),
+                    hessians.as_mut(),
+                    &mut writer,
+                )?
             } else {
                 copy_into(planned, &mut writer)?
             };
@@ -351,6 +371,7 @@ fn copy_into(planned: &Planned<'_>, writer: &mut ShardWriter) -> Result<TensorRe
         squared_error: 0.0,
         squared_norm: 0.0,
         search: None,
+        gptq: None,
     })
 }
 
@@ -372,11 +393,17 @@ impl Workspace {
         planned: &Planned<'_>,
         options: &Options,
         importance: Option<&ImportanceFile>,
+        hessians: Option<&mut HessianFile>,
         writer: &mut ShardWriter,
     ) -> Result<TensorReport> {
         let info = planned.info;
         let raw = planned.file.bytes(info);
         let in_features = planned.quantized_shape()[1];
+        let factor = match hessians {
+            Some(file) => file.factor(&info.name, in_features)?,
+            None => None,
+        };
+        let factor = factor.as_deref();
         let weights = match importance {
             Some(file) => file.vector(&info.name, in_features)?,
             None => None,
@@ -387,15 +414,15 @@ impl Workspace {
         let report = match info.dtype {
             Dtype::F32 => {
                 let values = typed::<f32>(raw, &mut aligned);
-                self.quantize_typed(values, planned, options, weights, writer)
+                self.quantize_typed(values, planned, options, weights, factor, writer)
             }
             Dtype::BF16 => {
                 let values = typed::<bf16>(raw, &mut aligned);
-                self.quantize_typed(values, planned, options, weights, writer)
+                self.quantize_typed(values, planned, options, weights, factor, writer)
             }
             Dtype::F16 => {
                 let values = typed::<f16>(raw, &mut aligned);
-                self.quantize_typed(values, planned, options, weights, writer)
+                self.quantize_typed(values, planned, options, weights, factor, writer)
             }
             other => Err(CheckpointError::BadSelection {
                 tensor: info.name.clone(),
@@ -413,6 +440,7 @@ impl Workspace {
         planned: &Planned<'_>,
         options: &Options,
         weights: Option<&[f32]>,
+        factor: Option<&HessianFactor>,
         writer: &mut ShardWriter,
     ) -> Result<TensorReport> {
         let info = planned.info;
@@ -435,14 +463,24 @@ impl Workspace {
             source,
         };
         let name = &info.name;
-        let search = self.quantize(values, options, weights).map_err(context)?;
+        let (search, gptq) = match factor {
+            Some(factor) => {
+                let report = self
+                    .quantize_gptq(values, shape[0], factor, options)
+                    .map_err(context)?;
+                (None, Some(report))
+            }
+            None => (self.quantize(values, options, weights).map_err(context)?, None),
+        };
+        // The offset of scales already double-quantized by the search or GPTQ.
+        let stored_offset = search.map(|r| r.offset).or(gptq.map(|r| r.offset));
         writer.write(
             &format!("{name}.quant_map"),
             f32_bytes(&options.quant_type.codebook().values, &mut self.bytes),
         )?;
         let nested_offset = if options.double_quant {
-            let offset = match search {
-                Some(report) => report.offset.unwrap_or(0.0),
+            let offset = match stored_offset {
+                Some(offset) => offset.unwrap_or(0.0),
                 None => {
                     self.codes.resize(blocks, 0);
                     self.scales.resize(nested_blocks(blocks), 0.0);
@@ -504,7 +542,44 @@ impl Workspace {
                 kept_absmax: r.kept_absmax,
                 weighted: weights.is_some(),
             }),
+            gptq: gptq.map(|r| GptqSummary {
+                output_error: r.output_error,
+                absmax_output_error: r.absmax_output_error,
+                searched_output_error: r.searched_output_error,
+                chosen: r.chosen.name(),
+            }),
         })
+    }
+
+    /// GPTQ into `packed` and `absmax` (or, with double quantization, `codes`/`scales`).
+    fn quantize_gptq<T: Element>(
+        &mut self,
+        values: &[T],
+        rows: usize,
+        factor: &HessianFactor,
+        options: &Options,
+    ) -> crate::Result<crate::gptq::GptqReport> {
+        let store = if options.double_quant {
+            let blocks = self.absmax.len();
+            self.codes.resize(blocks, 0);
+            self.scales.resize(nested_blocks(blocks), 0.0);
+            ScaleStore::Double {
+                codes: &mut self.codes,
+                scales: &mut self.scales,
+            }
+        } else {
+            ScaleStore::Float(&mut self.absmax)
+        };
+        quantize_4bit_gptq(
+            values,
+            rows,
+            factor,
+            options.quant_type,
+            options.blocksize,
+            options.scale_search,
+            &mut self.packed,
+            store,
+        )
     }
 
     /// Quantizes into `packed` and `absmax` (or, searched with double quantization, the
