@@ -14,6 +14,7 @@ from qlorakit.errors import CheckpointError, NonFiniteError, QlorakitError, Quan
 
 if TYPE_CHECKING:
     from qlorakit import nn, optim  # noqa: F401  (reached through __getattr__)
+    from qlorakit.calibration import Hessians, collect_hessians, quantize_gptq
     from qlorakit.hf_quantizer import QuantizationConfig
     from qlorakit.importance import collect_importance, save_importance
     from qlorakit.loading import from_pretrained, load_packed
@@ -33,6 +34,9 @@ _LAZY = {
     "QuantizationConfig": "qlorakit.hf_quantizer",
     "collect_importance": "qlorakit.importance",
     "save_importance": "qlorakit.importance",
+    "Hessians": "qlorakit.calibration",
+    "collect_hessians": "qlorakit.calibration",
+    "quantize_gptq": "qlorakit.calibration",
     "LoraConfig": "qlorakit.lora",
     "add_lora": "qlorakit.lora",
     "save_adapter": "qlorakit.lora",
@@ -67,6 +71,9 @@ __all__ = [
     "add_lora",
     "collect_importance",
     "save_importance",
+    "Hessians",
+    "collect_hessians",
+    "quantize_gptq",
     "load_adapter",
     "merge_lora",
     "save_adapter",

@@ -39,6 +39,25 @@ def quantize_4bit_searched(
     ``nested``. ``importance``: float32 weights per input column. Returns ``(offset,
     squared_error, absmax_squared_error, squared_norm, kept_absmax)``."""
 
+def quantize_4bit_gptq(
+    input: Any,
+    dtype: str,
+    rows: int,
+    hessian: Any,
+    hessian_dtype: str,
+    quant_type: str,
+    blocksize: int,
+    packed: Any,
+    absmax: Any,
+    nested: Any = None,
+    scale_search: bool = True,
+    damp: float = 0.01,
+) -> tuple[float | None, str, float, float, float, float]:
+    """GPTQ of the row-major weight ``input [rows, cols]`` against ``hessian [cols, cols]``
+    (``hessian_dtype`` float32 or float64); outputs as for ``quantize_4bit_searched``. Returns
+    ``(offset, chosen, output_error, gptq_output_error, absmax_output_error,
+    searched_output_error)``, ``chosen`` one of "gptq", "absmax", "searched"."""
+
 def dequantize_4bit(packed: Any, absmax: Any, quant_type: str, blocksize: int, out: Any, dtype: str) -> None:
     """Dequantize ``packed`` with float32 ``absmax`` into ``out`` (bytes of ``dtype`` elements)."""
 
@@ -97,6 +116,8 @@ def quantize_checkpoint(
     importance: str | None = None,
     transposed: list[str] = ...,
     durable: bool = True,
+    hessians: str | None = None,
+    gptq_damp: float = 0.01,
 ) -> dict[str, Any]:
     """Quantize the ``selected`` tensors of ``source`` into the empty directory ``out_dir``
     (``durable=False``: leave the shards to the page cache, no fsync)."""

@@ -17,6 +17,8 @@ from qlorakit.errors import QlorakitError
 from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, DEFAULT_MAX_SHARD_SIZE, QUANT_TYPES
 from qlorakit.hf_files import COMPUTE_DTYPES
 
+#: Files whose presence says a model directory has a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 #: Layers of the embedded default checkpoint (TinyLlama-1.1B's shape; 438 MB in bf16).
 DEMO_LAYERS = 2
 
@@ -61,6 +63,14 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
+    hessians = None
+    if args.calibration_text:
+        from qlorakit.calibration import hessians_from_text, read_calibration_text
+
+        text = read_calibration_text(args.calibration_text)
+        hessians = hessians_from_text(args.src, text, args.calibration_length, args.calibration_sequences)
+        if not args.quiet:
+            print(f"calibration: H of {len(hessians.names())} linear layers over {hessians.tokens} tokens")
     report = quantize_checkpoint(
         args.src,
         args.dst,
@@ -72,6 +82,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         rule="names" if args.name_rule else "transformers",
         scale_search=args.scale_search,
         importance=args.importance,
+        hessians=hessians,
         threads=args.threads,
         max_shard_size=args.max_shard_size,
         force=args.force,
@@ -79,6 +90,36 @@ def run_quantize(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print(report.summary())
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    import qlorakit
+    from qlorakit.calibration import read_calibration_text, text_batches
+
+    text = read_calibration_text(args.calibration_text) if args.calibration_text else None
+    model = qlorakit.from_pretrained(args.base, compute_dtype=torch.float32)
+    qlorakit.load_adapter(model, args.adapter)
+    tokenizer, batches = None, None
+    if text is not None or any((Path(args.base) / name).is_file() for name in TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.base)
+    if text is not None:
+        batches = text_batches(tokenizer, text, args.calibration_length, args.calibration_sequences)
+    report = qlorakit.save_merged(
+        model,
+        args.out,
+        requantize=args.requantize,
+        calibration=batches,
+        force=args.force,
+        tokenizer=tokenizer,
+        scale_search=args.scale_search,
+        threads=args.threads,
+    )
+    print(report.summary())
     return 0
 
 
@@ -133,6 +174,30 @@ def run_verify(args: argparse.Namespace) -> int:
         print(f"problem: {problem}", file=sys.stderr)
     print("OK" if report.ok else f"FAILED: {len(report.problems)} problem(s)")
     return 0 if report.ok else 1
+
+
+def add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the calibration text (shared by ``quantize`` and ``merge``)."""
+    parser.add_argument(
+        "--calibration-text",
+        metavar="FILE",
+        help="UTF-8 text to calibrate on: each layer's codes are chosen (GPTQ) to reproduce its outputs on "
+        "the model's activations over this text, not just its weights (same format)",
+    )
+    parser.add_argument(
+        "--calibration-length",
+        type=positive_int,
+        default=512,
+        metavar="N",
+        help="tokens per calibration sequence (default 512)",
+    )
+    parser.add_argument(
+        "--calibration-sequences",
+        type=positive_int,
+        default=64,
+        metavar="N",
+        help="most calibration sequences to use from the text (default 64)",
+    )
 
 
 def add_format_options(parser: argparse.ArgumentParser) -> None:
@@ -227,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="with --scale-search: per-input-column importance vectors (qlorakit importance) weighting the error",
     )
+    add_calibration_options(quantize)
     quantize.add_argument(
         "--compute-dtype",
         choices=tuple(COMPUTE_DTYPES),
@@ -261,6 +327,29 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--force", action="store_true", help="replace DST if it exists")
     quantize.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
+    merge = commands.add_parser(
+        "merge",
+        help="merge a LoRA adapter into its base and save the result (4-bit with --requantize)",
+        description="Merge the LoRA adapter ADAPTER (PEFT format) into BASE (a packed 4-bit or full-precision "
+        "model directory) and write the merged model to OUT, in full precision or, with --requantize, as a "
+        "bitsandbytes-format 4-bit checkpoint; --calibration-text then re-quantizes with error compensation "
+        "against the adapter model's own activations. OUT is written atomically.",
+    )
+    merge.add_argument("base", help="base model directory the adapter was trained on (read only)")
+    merge.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    merge.add_argument("out", help="destination directory (must not exist unless --force)")
+    merge.add_argument("--requantize", action="store_true", help="write a 4-bit checkpoint instead of a float one")
+    add_calibration_options(merge)
+    merge.add_argument(
+        "--scale-search",
+        action="store_true",
+        help="with --requantize: error-optimal block scales (with calibration, the scales GPTQ rounds against)",
+    )
+    merge.add_argument(
+        "--threads", type=positive_int, default=None, metavar="N", help="worker threads (default: all cores)"
+    )
+    merge.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
     importance = commands.add_parser(
         "importance",
         help="measure per-input-column importance (mean squared activations) of a float model on text",
@@ -284,12 +373,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors (exit code 2) for options that do not go together."""
+    command = parser._subcommands().get(args.command) if isinstance(parser, _Parser) else None
+    if command is None:
+        return
+    if args.command == "quantize" and args.calibration_text and args.importance:
+        command.error("--calibration-text and --importance do not go together (calibration measures the full H)")
+    if args.command == "merge" and not args.requantize and (args.calibration_text or args.scale_search):
+        command.error("--calibration-text and --scale-search apply only with --requantize")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script. Exit codes: 0 ok, 1 failure, 2 usage error."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_combinations(parser, args)
     commands = {
         "demo": lambda: run_demo(args),
         "quantize": lambda: run_quantize(args),
+        "merge": lambda: run_merge(args),
         "importance": lambda: run_importance(args),
         "inspect": lambda: run_inspect(args),
         "verify": lambda: run_verify(args),

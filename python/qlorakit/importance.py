@@ -12,19 +12,45 @@ file (one float32 ``[in_features]`` tensor per weight name) that
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+#: The low-rank factors inside a LoRA wrapper: not layers of the model being quantized.
+_ADAPTER_FACTORS = (".lora_A", ".lora_B")
 
-def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every module with a 2-D ``weight`` used as ``x @ W.T`` (nn.Linear and qlorakit's
-    Linear4bit), by module name."""
+    Linear4bit), by module name, without LoRA adapters' own factors."""
     from qlorakit.nn.linear4bit import Linear4bit
 
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear | Linear4bit)}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear | Linear4bit) and not name.endswith(_ADAPTER_FACTORS)
+    }
+
+
+def run_batches(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor] | torch.Tensor],
+    on_output: Callable[[Mapping[str, torch.Tensor] | torch.Tensor, Any], None] | None = None,
+) -> None:
+    """Runs ``model`` in eval mode over ``batches`` (dicts of keyword arguments, or input-id
+    tensors), handing each batch and its output to ``on_output``; restores the training mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            output = model(batch) if isinstance(batch, torch.Tensor) else model(**batch)
+            if on_output is not None:
+                on_output(batch, output)
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -35,7 +61,7 @@ def collect_importance(
     layer's weight name (``"<module>.weight"``), over all tokens of ``batches`` (each a
     dict of model keyword arguments, e.g. a tokenizer's output, or a tensor of input ids).
     Padding positions count too unless the caller leaves them out of the batches."""
-    layers = _linear_layers(model)
+    layers = linear_layers(model)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -48,18 +74,11 @@ def collect_importance(
         return hook
 
     handles = [layer.register_forward_pre_hook(hook_for(name)) for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
     try:
-        for batch in batches:
-            if isinstance(batch, torch.Tensor):
-                model(batch)
-            else:
-                model(**batch)
+        run_batches(model, batches)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return {f"{name}.weight": (sums[name] / counts[name]).float() for name in sums}
 
 
@@ -78,12 +97,18 @@ def importance_from_text(
     """Loads the float model at ``model_dir`` (its own architecture class, so module names
     match the checkpoint's weight names) with its tokenizer, and collects importance
     vectors over ``texts``, one text per forward pass (no padding to dilute the means)."""
+    model, tokenizer = load_float_model(model_dir)
+    batches = (tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length) for text in texts)
+    return collect_importance(model, batches)
+
+
+def load_float_model(model_dir: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """The float32 model at ``model_dir`` (its own architecture class, so module names match
+    the checkpoint's weight names) and its tokenizer."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(model_dir)
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
-    model = (model_class or transformers.AutoModel).from_pretrained(model_dir, torch_dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    batches = (tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length) for text in texts)
-    return collect_importance(model, batches)
+    model = (model_class or transformers.AutoModel).from_pretrained(model_dir, dtype=torch.float32)
+    return model, transformers.AutoTokenizer.from_pretrained(model_dir)

@@ -260,7 +260,13 @@ pub fn quantize_4bit_gptq<T: Element>(
 
     // The two baselines; the absmax one also rejects NaN/Inf.
     let absmax = PackedTensor::quantize(weight, quant_type, blocksize, double_quant)?;
-    let searched = searched_candidate(weight, quant_type, blocksize, &factor.diagonal, double_quant)?;
+    let searched = searched_candidate(
+        weight,
+        quant_type,
+        blocksize,
+        &factor.diagonal,
+        double_quant,
+    )?;
 
     // The error-compensating rounding against the decoded scales of the chosen base.
     let base = if scale_search { &searched } else { &absmax };
@@ -321,8 +327,14 @@ fn searched_candidate<T: Element>(
             codes: &mut codes,
             scales: &mut scales,
         };
-        let report =
-            quantize_4bit_searched(weight, quant_type, blocksize, importance, &mut packed, store)?;
+        let report = quantize_4bit_searched(
+            weight,
+            quant_type,
+            blocksize,
+            importance,
+            &mut packed,
+            store,
+        )?;
         Absmax::Nested {
             codes,
             scales,
@@ -331,7 +343,14 @@ fn searched_candidate<T: Element>(
     } else {
         let mut scales = vec![0.0f32; blocks];
         let store = ScaleStore::Float(&mut scales);
-        quantize_4bit_searched(weight, quant_type, blocksize, importance, &mut packed, store)?;
+        quantize_4bit_searched(
+            weight,
+            quant_type,
+            blocksize,
+            importance,
+            &mut packed,
+            store,
+        )?;
         Absmax::Plain(scales)
     };
     Ok(PackedTensor {
@@ -397,7 +416,15 @@ pub fn gptq_round<T: Element>(
         .zip(weight.par_chunks(ROW_TILE * cols))
         .enumerate()
         .map(|(tile, (codes, weight))| {
-            round_tile(weight, tile * ROW_TILE, factor, scales, book, blocksize, codes)
+            round_tile(
+                weight,
+                tile * ROW_TILE,
+                factor,
+                scales,
+                book,
+                blocksize,
+                codes,
+            )
         })
         .collect();
     // Summed in tile order: the same on every thread count.
@@ -479,10 +506,14 @@ fn round_tile<T: Element>(
             matmul(dst, Accum::Add, lhs, rhs, -1.0f32, Par::Seq);
         }
     }
-    let errors = weight.iter().zip(codes.iter()).enumerate().map(|(k, (x, &code))| {
-        let scale = scales[(first_row * cols + k) / blocksize];
-        x.to_f32() - book.values[usize::from(code)] * scale
-    });
+    let errors = weight
+        .iter()
+        .zip(codes.iter())
+        .enumerate()
+        .map(|(k, (x, &code))| {
+            let scale = scales[(first_row * cols + k) / blocksize];
+            x.to_f32() - book.values[usize::from(code)] * scale
+        });
     (damped, factor.added_error(errors))
 }
 
@@ -574,7 +605,11 @@ mod tests {
     fn naive_output_error(weight: &[f32], decoded: &[f32], h: &[f64], cols: usize) -> f64 {
         let mut total = 0.0;
         for (row, row_q) in weight.chunks(cols).zip(decoded.chunks(cols)) {
-            let e: Vec<f64> = row.iter().zip(row_q).map(|(a, b)| f64::from(a - b)).collect();
+            let e: Vec<f64> = row
+                .iter()
+                .zip(row_q)
+                .map(|(a, b)| f64::from(a - b))
+                .collect();
             for i in 0..cols {
                 for j in 0..cols {
                     total += e[i] * h[i * cols + j] * e[j];
@@ -638,7 +673,14 @@ mod tests {
 
     fn decode(packed: &[u8], scales: &[f32], n: usize) -> Vec<f32> {
         let mut out = vec![0f32; n];
-        dequantize_4bit(packed, scales, QuantType::Nf4, Blocksize::default(), &mut out).unwrap();
+        dequantize_4bit(
+            packed,
+            scales,
+            QuantType::Nf4,
+            Blocksize::default(),
+            &mut out,
+        )
+        .unwrap();
         out
     }
 
@@ -693,8 +735,14 @@ mod tests {
         for double_quant in [false, true] {
             let (packed, scales, report) = run(&w, rows, &factor, true, double_quant);
             assert_eq!(report.chosen, Chosen::Gptq, "{report:?}");
-            assert!(report.output_error < 0.7 * report.absmax_output_error, "{report:?}");
-            assert!(report.output_error < 0.7 * report.searched_output_error, "{report:?}");
+            assert!(
+                report.output_error < 0.7 * report.absmax_output_error,
+                "{report:?}"
+            );
+            assert!(
+                report.output_error < 0.7 * report.searched_output_error,
+                "{report:?}"
+            );
             // The reported error is the one of the bytes as they decode.
             let measured = naive_output_error(&w, &decode(&packed, &scales, w.len()), &h, cols);
             assert!(
@@ -740,11 +788,20 @@ mod tests {
             .min(report.searched_output_error);
         assert_eq!(report.output_error, minimum);
         let measured = naive_output_error(&w, &decode(&packed, &scales, w.len()), &h, cols);
-        assert!((measured - minimum).abs() <= 1e-6 + 1e-3 * minimum, "{measured} vs {report:?}");
+        assert!(
+            (measured - minimum).abs() <= 1e-6 + 1e-3 * minimum,
+            "{measured} vs {report:?}"
+        );
         if report.chosen == Chosen::Absmax {
             let (mut expected, mut absmax) = (vec![0u8; packed.len()], vec![0f32; scales.len()]);
-            quantize_4bit(&w, QuantType::Nf4, Blocksize::default(), &mut expected, &mut absmax)
-                .unwrap();
+            quantize_4bit(
+                &w,
+                QuantType::Nf4,
+                Blocksize::default(),
+                &mut expected,
+                &mut absmax,
+            )
+            .unwrap();
             assert_eq!(packed, expected);
         }
     }

@@ -470,7 +470,10 @@ impl Workspace {
                     .map_err(context)?;
                 (None, Some(report))
             }
-            None => (self.quantize(values, options, weights).map_err(context)?, None),
+            None => (
+                self.quantize(values, options, weights).map_err(context)?,
+                None,
+            ),
         };
         // The offset of scales already double-quantized by the search or GPTQ.
         let stored_offset = search.map(|r| r.offset).or(gptq.map(|r| r.offset));
