@@ -634,41 +634,31 @@ mod tests {
         let blocksize = Blocksize::default();
         let blocks = blocksize.blocks(weight.len());
         let mut packed = vec![0u8; packed_len(weight.len())];
-        if double_quant {
-            let (mut codes, mut nested) = (vec![0u8; blocks], vec![0f32; nested_blocks(blocks)]);
-            let store = ScaleStore::Double {
+        let (mut scales, mut codes) = (vec![0f32; blocks], vec![0u8; blocks]);
+        let mut nested = vec![0f32; nested_blocks(blocks)];
+        let store = if double_quant {
+            ScaleStore::Double {
                 codes: &mut codes,
                 scales: &mut nested,
-            };
-            let report = quantize_4bit_gptq(
-                weight,
-                rows,
-                factor,
-                QuantType::Nf4,
-                blocksize,
-                scale_search,
-                &mut packed,
-                store,
-            )
-            .unwrap();
-            let mut scales = vec![0f32; blocks];
-            dequantize_absmax(&codes, &nested, report.offset.unwrap(), &mut scales).unwrap();
-            (packed, scales, report)
+            }
         } else {
-            let mut scales = vec![0f32; blocks];
-            let report = quantize_4bit_gptq(
-                weight,
-                rows,
-                factor,
-                QuantType::Nf4,
-                blocksize,
-                scale_search,
-                &mut packed,
-                ScaleStore::Float(&mut scales),
-            )
-            .unwrap();
-            (packed, scales, report)
+            ScaleStore::Float(&mut scales)
+        };
+        let report = quantize_4bit_gptq(
+            weight,
+            rows,
+            factor,
+            QuantType::Nf4,
+            blocksize,
+            scale_search,
+            &mut packed,
+            store,
+        )
+        .unwrap();
+        if let Some(offset) = report.offset {
+            dequantize_absmax(&codes, &nested, offset, &mut scales).unwrap();
         }
+        (packed, scales, report)
     }
 
     fn decode(packed: &[u8], scales: &[f32], n: usize) -> Vec<f32> {

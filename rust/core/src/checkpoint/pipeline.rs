@@ -562,17 +562,7 @@ impl Workspace {
         factor: &HessianFactor,
         options: &Options,
     ) -> crate::Result<crate::gptq::GptqReport> {
-        let store = if options.double_quant {
-            let blocks = self.absmax.len();
-            self.codes.resize(blocks, 0);
-            self.scales.resize(nested_blocks(blocks), 0.0);
-            ScaleStore::Double {
-                codes: &mut self.codes,
-                scales: &mut self.scales,
-            }
-        } else {
-            ScaleStore::Float(&mut self.absmax)
-        };
+        let store = scale_store(options, &mut self.absmax, &mut self.codes, &mut self.scales);
         quantize_4bit_gptq(
             values,
             rows,
@@ -604,17 +594,7 @@ impl Workspace {
             )?;
             return Ok(None);
         }
-        let store = if options.double_quant {
-            let blocks = self.absmax.len();
-            self.codes.resize(blocks, 0);
-            self.scales.resize(nested_blocks(blocks), 0.0);
-            ScaleStore::Double {
-                codes: &mut self.codes,
-                scales: &mut self.scales,
-            }
-        } else {
-            ScaleStore::Float(&mut self.absmax)
-        };
+        let store = scale_store(options, &mut self.absmax, &mut self.codes, &mut self.scales);
         let importance = importance.map(Importance::new).transpose()?;
         quantize_4bit_searched(
             values,
@@ -625,6 +605,23 @@ impl Workspace {
             store,
         )
         .map(Some)
+    }
+}
+
+/// Where searched or GPTQ scales go: `absmax` as floats, or with double quantization the
+/// nested `codes`/`scales` (resized to `absmax`'s block count).
+fn scale_store<'a>(
+    options: &Options,
+    absmax: &'a mut [f32],
+    codes: &'a mut Vec<u8>,
+    scales: &'a mut Vec<f32>,
+) -> ScaleStore<'a> {
+    if options.double_quant {
+        codes.resize(absmax.len(), 0);
+        scales.resize(nested_blocks(absmax.len()), 0.0);
+        ScaleStore::Double { codes, scales }
+    } else {
+        ScaleStore::Float(absmax)
     }
 }
 
