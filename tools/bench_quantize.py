@@ -7,6 +7,7 @@ Run from the repository root with the dev venv active::
     python tools/bench_quantize.py --threads 2      # pin qlorakit (rayon) and torch/OpenMP to 2 threads
     python tools/bench_quantize.py --quick          # 1024x1024, best of 2: a smoke test
     python tools/bench_quantize.py --shapes 4096x4096 8192x8192 --repeats 7 --slow-repeats 3
+    python tools/bench_quantize.py --gptq --threads 2 --shapes 4096x4096   # + calibrated GPTQ per layer
 
 All implementations see the same deterministic bf16 tensors (``torch.manual_seed``).
 Times are best-of-N wall clock. ``GB/s`` counts the bf16 tensor's bytes (2 B/param: the
@@ -96,6 +97,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="small smoke run: 1024x1024, best of 2")
     parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the inputs (default 0)")
+    parser.add_argument(
+        "--gptq",
+        action="store_true",
+        help="also time GPTQ-NF4 per layer (factor of H included) and estimate a TinyLlama-1.1B checkpoint",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
@@ -386,6 +392,60 @@ def print_targets(reports: list[ShapeReport]) -> None:
             print(f"  [{'PASS' if ok else 'MISS'}] {text}")
 
 
+#: TinyLlama-1.1B's quantized linears per decoder layer, [out, in], and its layer count.
+TINYLLAMA_LINEARS = ((2048, 2048), (256, 2048), (256, 2048), (2048, 2048), (5632, 2048), (5632, 2048), (2048, 5632))
+TINYLLAMA_LAYERS = 22
+#: Distinct layer inputs (Hessians to factor) per TinyLlama layer, by input width: attention in, o_proj in,
+#: MLP in (2048 wide), down_proj in (5632 wide).
+TINYLLAMA_FACTORS = (2048, 2048, 2048, 5632)
+#: Issue 15: the 1.1B checkpoint with GPTQ in a few minutes at most.
+TARGET_GPTQ_1B_SECONDS = 300.0
+
+
+def gptq_seconds(rows: int, cols: int, seed: int) -> float:
+    """Wall time of one ``quantize_gptq`` call (factor of a random correlated H included)."""
+    import time
+
+    import torch
+
+    from qlorakit.calibration import quantize_gptq
+
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(rows, cols, generator=generator) * 0.02).to(torch.bfloat16)
+    inputs = torch.randn(2 * cols, cols, generator=generator)
+    hessian = inputs.T @ inputs / len(inputs)
+    begin = time.perf_counter()
+    quantize_gptq(weight, hessian)
+    return time.perf_counter() - begin
+
+
+def bench_gptq(reports: list[ShapeReport], seed: int) -> None:
+    """GPTQ per bench shape beside the absmax and scale-search rows, and the 1.1B estimate: the factor
+    (timed on a 64-row weight, where it dominates) once per distinct input, the rows scaled by rows*cols^2."""
+    print("\nGPTQ-NF4 (double quant; H factored per call; the three candidates scored for the fallback):")
+    for report in reports:
+        rows, cols = report.shape[0], report.shape[-1]
+        seconds = gptq_seconds(rows, cols, seed)
+        absmax = report.find("qlorakit.quantize (out=", "quantize nf4+dq").seconds
+        searched = report.find("qlorakit.quantize scale_search", "quantize nf4+dq").seconds
+        print(
+            f"  {shape_name(report.shape)}: GPTQ {seconds:.2f} s; absmax {1e3 * absmax:.1f} ms, "
+            f"scale search {1e3 * searched:.1f} ms (GPTQ = {seconds / absmax:.0f}x absmax)"
+        )
+    factor = {cols: gptq_seconds(64, cols, seed) for cols in sorted(set(TINYLLAMA_FACTORS))}
+    reference_rows, reference_cols = 2048, 2048
+    per_mac = (gptq_seconds(reference_rows, reference_cols, seed) - factor[reference_cols]) / (
+        reference_rows * reference_cols**2
+    )
+    layer = sum(factor[c] for c in TINYLLAMA_FACTORS) + sum(r * c * c * per_mac for r, c in TINYLLAMA_LINEARS)
+    total = TINYLLAMA_LAYERS * layer
+    print(
+        f"  TinyLlama-1.1B estimate: {total:.0f} s ({TINYLLAMA_LAYERS} layers x {layer:.1f} s; factors "
+        + ", ".join(f"{c}: {t:.2f} s" for c, t in factor.items())
+        + f") [{'PASS' if total <= TARGET_GPTQ_1B_SECONDS else 'MISS'}] target {TARGET_GPTQ_1B_SECONDS:.0f} s"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_threads(args.threads)  # before the first import of qlorakit / torch
@@ -399,6 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for report in reports:
         print_table(report)
     print_targets(reports)
+    if args.gptq:
+        bench_gptq(reports, args.seed)
     return 0
 
 

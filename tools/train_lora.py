@@ -3,6 +3,7 @@
     python tools/train_lora.py                    # full experiment (a few minutes on 2 cores)
     python tools/train_lora.py --quick            # tiny sizes and steps (what the test runs)
     python tools/train_lora.py --pretrain-steps 1000 --finetune-steps 400 --workdir /tmp/tl --threads 2
+    python tools/train_lora.py --merge --finetune-lr 2e-4   # + merged 4-bit checkpoints: plain vs GPTQ
 
 What it does, deterministically (seeded model init, seeded data order, fixed thread count):
 
@@ -24,6 +25,12 @@ stored (embeddings, norms, ``lm_head``, bf16 in the checkpoint) are widened to f
 the same precision from the same bf16 checkpoint and the only difference between them is NF4 quantization of
 the projection weights. float32 matmuls are also the fast, well-trodden path of torch on a CPU (bf16 autograd on
 CPU is slower unless the CPU has AVX512-BF16/AMX, and its 8-bit mantissa adds noise to a small model's loss).
+
+5. With ``--merge``: the QLoRA adapter merged into a 4-bit checkpoint twice, by plain re-quantization
+   (``save_merged(requantize=True)``) and calibrated on windows of the fine-tuning split
+   (``save_merged(requantize=True, calibration=...)``, GPTQ against the adapter model's activations), each
+   loaded back and compared with the unmerged adapter model on the eval split: per-token KL and the share of
+   the adapter's eval-loss gain over the base that the merged model keeps.
 
 Prints the pretraining loss curve, both fine-tuning curves side by side, the eval loss of each base before
 fine-tuning and after it, the relative gap ``(QLoRA - LoRA) / LoRA`` of the final eval losses, and wall times.
@@ -300,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch and quantizer threads (default: all)")
     parser.add_argument("--stdlib", type=Path, default=None, help="source root (default: this Python's stdlib)")
+    parser.add_argument("--finetune-lr", type=float, default=None, help="adapter learning rate (default per size)")
+    parser.add_argument("--merge", action="store_true", help="also compare merged 4-bit checkpoints: plain vs GPTQ")
+    parser.add_argument(
+        "--calibration-sequences", type=int, default=32, help="fine-tuning-split windows to calibrate on (--merge)"
+    )
     return parser
 
 
@@ -341,6 +353,8 @@ def _run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         sizes = replace(sizes, pretrain_steps=args.pretrain_steps)
     if args.finetune_steps is not None:
         sizes = replace(sizes, finetune_steps=args.finetune_steps)
+    if args.finetune_lr is not None:
+        sizes = replace(sizes, finetune_lr=args.finetune_lr)
     if sizes.pretrain_steps < 1 or sizes.finetune_steps < 1:
         raise ValueError("--pretrain-steps and --finetune-steps must be positive")
     times: dict[str, float] = {}
@@ -386,6 +400,11 @@ def _run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     times["qlora"] = qlora["seconds"]
     qlorakit.save_adapter(qmodel, workdir / "qlora-adapter", qlora["lora_config"])
     del qmodel
+    merge = None
+    if args.merge:
+        begin = time.perf_counter()
+        merge = merge_comparison(packed_dir, workdir, corpus, eval_ids, sizes, qlora, args)
+        times["merge"] = time.perf_counter() - begin
 
     # 4. LoRA on the unquantized bf16 checkpoint, in float32, same adapters init and data order.
     lmodel = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -409,9 +428,94 @@ def _run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "base_relative_gap": base_gap,
         "quant_mean_relative_error": report.mean_relative_error,
         "times": times,
+        **({"merge": merge} if merge is not None else {}),
     }
     print_summary(result)
     return result
+
+
+@torch.no_grad()
+def mean_kl(reference: torch.Tensor, model: torch.nn.Module, ids: torch.Tensor, batch: int) -> float:
+    """Mean per-token KL(reference || model) over ``ids``, ``reference`` the log-probabilities
+    ``[len(ids), seq_len, vocab]`` of the reference model."""
+    total = 0.0
+    for i in range(0, len(ids), batch):
+        actual = torch.log_softmax(model(input_ids=ids[i : i + batch]).logits.float(), dim=-1)
+        expected = reference[i : i + batch]
+        total += float((expected.exp() * (expected - actual)).sum())
+    return total / reference.shape[:-1].numel()
+
+
+def merge_comparison(
+    packed_dir: Path,
+    workdir: Path,
+    corpus: Corpus,
+    eval_ids: torch.Tensor,
+    sizes: Sizes,
+    qlora: dict[str, Any],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Merges the QLoRA adapter into 4-bit checkpoints (plain re-quantization; GPTQ calibrated on windows of
+    the fine-tuning split, with absmax and with searched block scales) and measures each against the unmerged
+    adapter model on the eval split."""
+    import qlorakit
+
+    def adapter_model() -> torch.nn.Module:
+        model = qlorakit.load_packed(packed_dir, compute_dtype=torch.float32).to(torch.float32)
+        qlorakit.load_adapter(model, workdir / "qlora-adapter")
+        return model.eval()
+
+    with torch.no_grad():
+        reference = adapter_model()
+        expected = torch.cat(
+            [
+                torch.log_softmax(reference(input_ids=eval_ids[i : i + sizes.batch]).logits.float(), dim=-1)
+                for i in range(0, len(eval_ids), sizes.batch)
+            ]
+        )
+    del reference
+    calibration_ids = eval_windows(corpus.finetune, sizes.seq_len, args.calibration_sequences)
+    calibration = list(calibration_ids.split(sizes.batch))
+    base_eval, adapter_eval = qlora["eval_start"], qlora["eval_final"]
+    results: dict[str, Any] = {}
+    variants = (("plain", None, False), ("gptq", calibration, False), ("gptq+search", calibration, True))
+    print(f"\nmerge: adapter folded into 4-bit checkpoints; calibration {len(calibration_ids)} fine-tuning windows")
+    for name, batches, search in variants:
+        begin = time.perf_counter()
+        report = qlorakit.save_merged(
+            adapter_model(),
+            workdir / f"merged-{name}",
+            requantize=True,
+            calibration=batches,
+            force=True,
+            compute_dtype="fp32",
+            scale_search=search,
+            threads=args.threads,
+        )
+        seconds = time.perf_counter() - begin
+        merged = qlorakit.load_packed(report.directory, compute_dtype=torch.float32).to(torch.float32)
+        loss = eval_loss(merged, eval_ids, sizes.batch)
+        gptq = report.quantize.gptq if report.quantize is not None else None
+        results[name] = {
+            "eval_loss": loss,
+            "kl": mean_kl(expected, merged, eval_ids, sizes.batch),
+            "gain_kept": (base_eval - loss) / (base_eval - adapter_eval) if base_eval != adapter_eval else 0.0,
+            "output_error_reduction": gptq.reduction if gptq is not None else 0.0,
+            "seconds": seconds,
+        }
+    results["kl_ratio"] = results["gptq"]["kl"] / results["plain"]["kl"] if results["plain"]["kl"] else 0.0
+    print(f"  base eval loss {base_eval:.4f}, adapter model {adapter_eval:.4f}")
+    print(
+        f"  {'merged 4-bit':<14} {'eval loss':>10} {'gain kept':>10} {'KL to adapter':>14} {'out err':>8} {'time':>7}"
+    )
+    for name, _, _ in variants:
+        r = results[name]
+        print(
+            f"  {name:<14} {r['eval_loss']:10.4f} {100 * r['gain_kept']:9.1f}% {r['kl']:14.5f} "
+            f"{-100 * r['output_error_reduction']:7.1f}% {r['seconds']:6.1f}s"
+        )
+    print(f"  KL(gptq) / KL(plain) = {results['kl_ratio']:.3f}")
+    return results
 
 
 def print_summary(result: dict[str, Any]) -> None:
