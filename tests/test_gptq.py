@@ -53,7 +53,7 @@ def test_gptq_lowers_held_out_output_error_and_decodes_in_bitsandbytes(bnb_funct
     # Same format: stock bitsandbytes decodes the bytes to what qlorakit decodes.
     state = bnb_state_of(packed)
     state.dtype = torch.float32
-    decoded = bnb_functional.dequantize_4bit(packed.packed, state)
+    decoded = bnb_functional.dequantize_4bit(packed.codes, state)
     assert torch.equal(decoded, qlorakit.dequantize(packed, torch.float32))
     # The reported calibration error is the decoded weight's.
     error = reference - decoded
@@ -72,7 +72,7 @@ def test_fallback_writes_the_better_baseline() -> None:
     assert result.output_error == result.searched_output_error
     assert result.output_error < min(result.gptq_output_error, result.absmax_output_error)
     expected = qlorakit.quantize(weight, scale_search=True, importance=hessian.diagonal())
-    assert torch.equal(packed.packed, expected.packed) and torch.equal(packed.absmax, expected.absmax)
+    assert torch.equal(packed.codes, expected.codes) and torch.equal(packed.absmax, expected.absmax)
 
 
 def test_bad_hessian_is_a_typed_error() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -200,13 +200,13 @@ def quantize_gptq(
         str(h.dtype).removeprefix("torch."),
         quant_type,
         blocksize,
-        byte_view(out.packed, "packed"),
+        byte_view(out.codes, "packed"),
         byte_view(out.absmax, "nested codes" if nested is not None else "absmax"),
         byte_view(nested, "nested scales") if nested is not None else None,
         scale_search,
         damp,
     )
-    out.offset = offset
+    out.layout = replace(out.layout, offset=offset)
     return out, GptqResult(*errors)
 
 

@@ -163,7 +163,8 @@ impl HessianFactor {
                 upper[i * cols + j] = inverse[(cols - 1 - i, cols - 1 - j)] as f32;
             }
         }
-        if let Some(i) = (0..cols).find(|&i| !(upper[i * cols + i] > 0.0)) {
+        let not_positive = |d: f32| d.is_nan() || d <= 0.0;
+        if let Some(i) = (0..cols).find(|&i| not_positive(upper[i * cols + i])) {
             return bad(format!("the inverse factor's diagonal entry {i} is not positive (the matrix is too ill-conditioned for float32)"));
         }
         let diagonal = (0..cols).map(|i| at(i, i) as f32).collect();
@@ -239,6 +240,7 @@ pub struct GptqReport {
 /// (see the module docs) into `packed` and `store`, in bitsandbytes' layout. With
 /// `scale_search` the block scales are the search's (weighted by `diag(H)`), else absmax.
 /// `store` decides double quantization, as for [`quantize_4bit_searched`].
+#[allow(clippy::too_many_arguments)]
 pub fn quantize_4bit_gptq<T: Element>(
     weight: &[T],
     rows: usize,
