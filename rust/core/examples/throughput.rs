@@ -4,8 +4,10 @@
 use std::time::Instant;
 
 use half::bf16;
-use qlorakit_core::scale_search::{quantize_4bit_searched, ScaleStore};
-use qlorakit_core::{dequantize_4bit, double_quantize, quantize_4bit, Blocksize, QuantType};
+use qlorakit_core::scale_search::quantize_4bit_searched;
+use qlorakit_core::{
+    dequantize_4bit, double_quantize, quantize_4bit, Blocksize, QuantType, ScalesMut,
+};
 
 fn main() {
     let n: usize = std::env::args()
@@ -47,13 +49,20 @@ fn main() {
         dequantize_4bit(&packed, &absmax, QuantType::Nf4, blocksize, &mut out).expect("dequantize");
     });
     let searched = best(&mut || {
-        let store = ScaleStore::Double {
+        let mut store = ScalesMut::Nested {
             codes: &mut codes,
             scales: &mut scales,
+            offset: 0.0,
         };
-        let report =
-            quantize_4bit_searched(&input, QuantType::Nf4, blocksize, None, &mut packed, store)
-                .expect("scale search");
+        let report = quantize_4bit_searched(
+            &input,
+            QuantType::Nf4,
+            blocksize,
+            None,
+            &mut packed,
+            &mut store,
+        )
+        .expect("scale search");
         assert!(!report.kept_absmax, "the search lost to absmax: {report:?}");
     });
     let rate = |secs: f64| n as f64 / secs / 1e9;

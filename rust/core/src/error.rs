@@ -6,12 +6,15 @@ use thiserror::Error;
 /// (an element index, a length) for a caller to name the offending tensor entry.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum QuantError {
-    /// Blocksize outside the set bitsandbytes accepts for 4-bit quantization.
-    #[error("unsupported blocksize {0}; expected one of 32, 64, 128, 256, 512, 1024, 2048, 4096")]
-    UnsupportedBlocksize(usize),
+    /// Blocksize outside the set bitsandbytes accepts for 4-bit quantization (signed: a
+    /// caller's negative size is reported as given).
+    #[error(
+        "unsupported blocksize {0}; expected one of [32, 64, 128, 256, 512, 1024, 2048, 4096]"
+    )]
+    UnsupportedBlocksize(i64),
 
     /// A quantization type name that is neither `nf4` nor `fp4`.
-    #[error("unsupported quant_type {0:?}; expected \"nf4\" or \"fp4\"")]
+    #[error("unsupported quant_type '{0}'; expected 'nf4' or 'fp4'")]
     UnsupportedQuantType(String),
 
     /// A tensor with no elements cannot be quantized.
@@ -34,6 +37,10 @@ pub enum QuantError {
     /// A calibration Hessian (`X^T X`) that GPTQ cannot use.
     #[error("hessian: {0}")]
     BadHessian(String),
+
+    /// An operation on a matrix (gemv) given a tensor of another rank.
+    #[error("expected a 2-D [rows, cols] weight, got shape {0:?}")]
+    NotAMatrix(Vec<usize>),
 
     /// An input or output buffer whose length does not match what the operation needs.
     #[error("{what} has {actual} elements, expected {expected}")]

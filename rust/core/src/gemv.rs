@@ -22,10 +22,10 @@ use std::any::TypeId;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::codebook::QuantType;
 use crate::element::Element;
 use crate::error::Result;
-use crate::layout::{check_len, packed_len, Blocksize};
+use crate::layout::check_len;
+use crate::packed::PackedView;
 
 /// Lanes of an accumulator, and elements per group of the summation order.
 pub const GEMV_LANES: usize = 16;
@@ -92,63 +92,35 @@ impl GemvKernel {
 }
 
 /// `out[r] = T(sum_c w[r, c] * x[c] (+ bias[r]))` for the row-major 4-bit weight
-/// `[rows, cols]` (`packed`, float32 `absmax`, as [`crate::quantize_4bit`] writes them),
-/// accumulated in float32 in the order described in the module documentation, rows
-/// split across rayon tasks. Uses the fastest kernel the CPU supports.
-#[allow(clippy::too_many_arguments)]
+/// `[rows, cols]` (`weight`, as [`crate::quantize_4bit`] writes it; nested scales are
+/// decoded first), accumulated in float32 in the order described in the module
+/// documentation, rows split across rayon tasks. Uses the fastest kernel the CPU supports.
 pub fn gemv_4bit<T: Element>(
-    packed: &[u8],
-    absmax: &[f32],
-    quant_type: QuantType,
-    blocksize: Blocksize,
-    rows: usize,
-    cols: usize,
+    weight: &PackedView<'_>,
     x: &[T],
     bias: Option<&[T]>,
     out: &mut [T],
 ) -> Result<()> {
-    gemv_4bit_with(
-        GemvKernel::best(),
-        packed,
-        absmax,
-        quant_type,
-        blocksize,
-        rows,
-        cols,
-        x,
-        bias,
-        out,
-    )
+    gemv_4bit_with(GemvKernel::best(), weight, x, bias, out)
 }
 
 /// [`gemv_4bit`] with a chosen kernel; one the CPU lacks (or an element type it has no
 /// table rounding for) falls back to the portable kernel, so this is always safe.
-#[allow(clippy::too_many_arguments)]
 pub fn gemv_4bit_with<T: Element>(
     kernel: GemvKernel,
-    packed: &[u8],
-    absmax: &[f32],
-    quant_type: QuantType,
-    blocksize: Blocksize,
-    rows: usize,
-    cols: usize,
+    weight: &PackedView<'_>,
     x: &[T],
     bias: Option<&[T]>,
     out: &mut [T],
 ) -> Result<()> {
-    if rows == 0 || cols == 0 {
-        return Err(crate::QuantError::Empty);
-    }
-    // A product that overflows saturates, and then fails the length check below: no
-    // slice can hold usize::MAX / 2 bytes.
-    let numel = rows.saturating_mul(cols);
-    check_len("packed input", packed_len(numel), packed.len())?;
-    check_len("absmax input", blocksize.blocks(numel), absmax.len())?;
+    // The view has checked the codes and scales against its (non-empty) shape.
+    let (rows, cols) = weight.matrix()?;
     check_len("x input", cols, x.len())?;
     check_len("out", rows, out.len())?;
     if let Some(bias) = bias {
         check_len("bias input", rows, bias.len())?;
     }
+    let absmax = weight.scales().decoded()?;
 
     // x is read once per row: widen it to float32 once per call (cols elements, cheap)
     // rather than in the inner loop.
@@ -159,10 +131,10 @@ pub fn gemv_4bit_with<T: Element>(
     };
     let x = T::widen(x, &mut scratch);
     let weight = Weight {
-        packed,
-        absmax,
-        values: &quant_type.codebook().values,
-        block_shift: blocksize.get().trailing_zeros(),
+        packed: weight.codes(),
+        absmax: &absmax,
+        values: &weight.quant_type().codebook().values,
+        block_shift: weight.blocksize().get().trailing_zeros(),
         cols,
     };
     let x_lane_order;

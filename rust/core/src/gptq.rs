@@ -47,8 +47,8 @@ use crate::codebook::{Codebook, QuantType};
 use crate::element::Element;
 use crate::error::{QuantError, Result};
 use crate::layout::{check_len, packed_len, Blocksize};
-use crate::packed::{Absmax, PackedTensor};
-use crate::scale_search::{quantize_4bit_searched, Importance, ScaleStore};
+use crate::packed::{Absmax, BlockScales, PackedTensor, ScalesMut};
+use crate::scale_search::{quantize_4bit_searched, Importance};
 
 /// Default damping: `lambda = DEFAULT_DAMP * mean(diag(H))`, as GPTQ's `percdamp`.
 pub const DEFAULT_DAMP: f64 = 0.01;
@@ -226,8 +226,6 @@ impl Chosen {
 /// `tr((W - Q) H (W - Q)^T)` with the undamped `H`, of each result as it decodes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GptqReport {
-    /// Double quantization's offset of what was written (`None` with float scales).
-    pub offset: Option<f32>,
     pub chosen: Chosen,
     /// Error of what was written (the smallest of the three).
     pub output_error: f64,
@@ -237,9 +235,10 @@ pub struct GptqReport {
 }
 
 /// Quantizes the row-major weight `weight [rows, factor.cols()]` with error compensation
-/// (see the module docs) into `packed` and `store`, in bitsandbytes' layout. With
-/// `scale_search` the block scales are the search's (weighted by `diag(H)`), else absmax.
-/// `store` decides double quantization, as for [`quantize_4bit_searched`].
+/// (see the module docs) into `packed` and `scales`, in bitsandbytes' layout (nested
+/// scales get their offset too). With `scale_search` the block scales are the search's
+/// (weighted by `diag(H)`), else absmax. `scales` decides double quantization, as for
+/// [`quantize_4bit_searched`].
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_4bit_gptq<T: Element>(
     weight: &[T],
@@ -249,7 +248,7 @@ pub fn quantize_4bit_gptq<T: Element>(
     blocksize: Blocksize,
     scale_search: bool,
     packed: &mut [u8],
-    store: ScaleStore<'_>,
+    scales: &mut ScalesMut<'_>,
 ) -> Result<GptqReport> {
     let cols = factor.cols;
     if rows == 0 {
@@ -258,7 +257,7 @@ pub fn quantize_4bit_gptq<T: Element>(
     check_len("weight", rows * cols, weight.len())?;
     let numel = weight.len();
     check_len("packed output", packed_len(numel), packed.len())?;
-    let double_quant = matches!(store, ScaleStore::Double { .. });
+    let double_quant = matches!(scales, BlockScales::Nested { .. });
 
     // The two baselines; the absmax one also rejects NaN/Inf.
     let absmax = PackedTensor::quantize(weight, quant_type, blocksize, double_quant)?;
@@ -272,14 +271,13 @@ pub fn quantize_4bit_gptq<T: Element>(
 
     // The error-compensating rounding against the decoded scales of the chosen base.
     let base = if scale_search { &searched } else { &absmax };
-    let scales = base.absmax.decode()?;
+    let decoded = base.absmax.decode()?;
     let book = quant_type.codebook();
-    let rounded = gptq_round(weight, rows, factor, &scales, book, blocksize.get());
+    let rounded = gptq_round(weight, rows, factor, &decoded, book, blocksize.get());
 
     let absmax_error = output_error(weight, &absmax.dequantize::<f32>()?, factor);
     let searched_error = output_error(weight, &searched.dequantize::<f32>()?, factor);
     let mut report = GptqReport {
-        offset: None,
         chosen: Chosen::Gptq,
         output_error: rounded.output_error,
         gptq_output_error: rounded.output_error,
@@ -306,7 +304,7 @@ pub fn quantize_4bit_gptq<T: Element>(
             &searched.absmax
         }
     };
-    report.offset = write_scales(written, store)?;
+    write_scales(written, scales)?;
     Ok(report)
 }
 
@@ -324,34 +322,35 @@ fn searched_candidate<T: Element>(
     let importance = Some(Importance::new(diagonal)?);
     let absmax = if double_quant {
         let mut codes = vec![0u8; blocks];
-        let mut scales = vec![0.0f32; crate::layout::nested_blocks(blocks)];
-        let store = ScaleStore::Double {
+        let mut nested = vec![0.0f32; crate::layout::nested_blocks(blocks)];
+        let mut scales = ScalesMut::Nested {
             codes: &mut codes,
-            scales: &mut scales,
+            scales: &mut nested,
+            offset: 0.0,
         };
-        let report = quantize_4bit_searched(
-            weight,
-            quant_type,
-            blocksize,
-            importance,
-            &mut packed,
-            store,
-        )?;
-        Absmax::Nested {
-            codes,
-            scales,
-            offset: report.offset.unwrap_or(0.0),
-        }
-    } else {
-        let mut scales = vec![0.0f32; blocks];
-        let store = ScaleStore::Float(&mut scales);
         quantize_4bit_searched(
             weight,
             quant_type,
             blocksize,
             importance,
             &mut packed,
-            store,
+            &mut scales,
+        )?;
+        let offset = scales.offset().unwrap_or(0.0);
+        Absmax::Nested {
+            codes,
+            scales: nested,
+            offset,
+        }
+    } else {
+        let mut scales = vec![0.0f32; blocks];
+        quantize_4bit_searched(
+            weight,
+            quant_type,
+            blocksize,
+            importance,
+            &mut packed,
+            &mut ScalesMut::Plain(&mut scales),
         )?;
         Absmax::Plain(scales)
     };
@@ -364,33 +363,34 @@ fn searched_candidate<T: Element>(
     })
 }
 
-/// Copies `scales` into `store` (whose kind matches by construction); returns the offset.
-fn write_scales(scales: &Absmax, store: ScaleStore<'_>) -> Result<Option<f32>> {
-    match (scales, store) {
-        (Absmax::Plain(values), ScaleStore::Float(out)) => {
+/// Copies `scales` into `out` (whose kind matches by construction), the offset included.
+fn write_scales(scales: &Absmax, out: &mut ScalesMut<'_>) -> Result<()> {
+    match (scales, out) {
+        (BlockScales::Plain(values), BlockScales::Plain(out)) => {
             check_len("absmax output", values.len(), out.len())?;
             out.copy_from_slice(values);
-            Ok(None)
         }
         (
-            Absmax::Nested {
+            BlockScales::Nested {
                 codes,
                 scales,
                 offset,
             },
-            ScaleStore::Double {
+            BlockScales::Nested {
                 codes: codes_out,
                 scales: scales_out,
+                offset: offset_out,
             },
         ) => {
             check_len("nested codes output", codes.len(), codes_out.len())?;
             check_len("nested scales output", scales.len(), scales_out.len())?;
             codes_out.copy_from_slice(codes);
             scales_out.copy_from_slice(scales);
-            Ok(Some(*offset))
+            *offset_out = *offset;
         }
-        _ => unreachable!("the candidates are built with the store's kind of scales"),
+        _ => unreachable!("the candidates are built with the output's kind of scales"),
     }
+    Ok(())
 }
 
 /// Codes (one per element, row-major) of the error-compensating rounding, and their
@@ -638,13 +638,14 @@ mod tests {
         let mut packed = vec![0u8; packed_len(weight.len())];
         let (mut scales, mut codes) = (vec![0f32; blocks], vec![0u8; blocks]);
         let mut nested = vec![0f32; nested_blocks(blocks)];
-        let store = if double_quant {
-            ScaleStore::Double {
+        let mut store = if double_quant {
+            ScalesMut::Nested {
                 codes: &mut codes,
                 scales: &mut nested,
+                offset: 0.0,
             }
         } else {
-            ScaleStore::Float(&mut scales)
+            ScalesMut::Plain(&mut scales)
         };
         let report = quantize_4bit_gptq(
             weight,
@@ -654,10 +655,10 @@ mod tests {
             blocksize,
             scale_search,
             &mut packed,
-            store,
+            &mut store,
         )
         .unwrap();
-        if let Some(offset) = report.offset {
+        if let Some(offset) = store.offset() {
             dequantize_absmax(&codes, &nested, offset, &mut scales).unwrap();
         }
         (packed, scales, report)

@@ -19,10 +19,14 @@ pub struct Blocksize(usize);
 impl Blocksize {
     /// Accepts only the sizes in [`BLOCKSIZES`].
     pub fn new(size: usize) -> Result<Self> {
-        if BLOCKSIZES.contains(&size) {
-            Ok(Blocksize(size))
-        } else {
-            Err(QuantError::UnsupportedBlocksize(size))
+        Self::from_signed(i64::try_from(size).unwrap_or(i64::MAX))
+    }
+
+    /// [`Blocksize::new`] of a signed size (as a binding receives it).
+    pub fn from_signed(size: i64) -> Result<Self> {
+        match usize::try_from(size) {
+            Ok(size) if BLOCKSIZES.contains(&size) => Ok(Blocksize(size)),
+            _ => Err(QuantError::UnsupportedBlocksize(size)),
         }
     }
 

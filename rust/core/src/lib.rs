@@ -3,7 +3,9 @@
 //!
 //! The slice functions ([`quantize_4bit`], [`dequantize_4bit`], [`double_quantize`],
 //! [`dequantize_absmax`]) write into caller-provided buffers so hot callers can reuse
-//! memory; [`PackedTensor`] bundles them for convenience.
+//! memory. [`PackedView`] is one packed tensor borrowed (codes, plain or double-quantized
+//! [`Scales`], format, shape): what [`gemv_4bit`], the checkpoint writer and
+//! [`PackedView::dequantize_into`] take; [`PackedTensor`] is its owned counterpart.
 
 pub mod checkpoint;
 mod dispatch;
@@ -32,5 +34,5 @@ pub use encode::Encoder;
 pub use error::{QuantError, Result};
 pub use gemv::{gemv_4bit, gemv_4bit_with, GemvKernel};
 pub use layout::{Blocksize, BLOCKSIZES, DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE};
-pub use packed::{Absmax, PackedTensor};
+pub use packed::{Absmax, BlockScales, PackedTensor, PackedView, Scales, ScalesMut};
 pub use quantize::{quantize_4bit, quantize_4bit_reference, quantize_4bit_with};

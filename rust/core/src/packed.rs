@@ -1,46 +1,231 @@
-//! An owned packed tensor: codes plus (optionally double-quantized) block scales.
+//! The packed 4-bit tensor: codes plus plain or double-quantized block scales.
+//!
+//! [`PackedView`] borrows one (what dequantize, gemv and the checkpoint writer read);
+//! [`PackedTensor`] owns one. Their scales are one enum, [`BlockScales`], generic over who
+//! holds the buffers: [`Scales`] borrows them, [`ScalesMut`] is written by a quantizer
+//! (scale search), [`Absmax`] owns them.
+
+use std::borrow::Cow;
 
 use crate::codebook::QuantType;
 use crate::dequantize::dequantize_4bit;
 use crate::double_quant::{dequantize_absmax, double_quantize};
 use crate::element::Element;
-use crate::error::Result;
-use crate::layout::{nested_blocks, packed_len, Blocksize};
+use crate::error::{QuantError, Result};
+use crate::layout::{check_len, nested_blocks, packed_len, Blocksize};
 use crate::quantize::quantize_4bit;
 
 /// The block scales of a packed tensor.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Absmax {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BlockScales<F, C> {
     /// One float32 absmax per block.
-    Plain(Vec<f32>),
-    /// Double-quantized: one 8-bit code per block, a float32 scale per 256 blocks,
-    /// and the offset (mean of the original absmax).
-    Nested {
-        codes: Vec<u8>,
-        scales: Vec<f32>,
-        offset: f32,
-    },
+    Plain(F),
+    /// Double-quantized: one 8-bit code per block, a float32 scale per
+    /// [`crate::NESTED_BLOCKSIZE`] blocks, and the offset (mean of the original absmax).
+    Nested { codes: C, scales: F, offset: f32 },
 }
 
-impl Absmax {
-    /// The float32 absmax as the decoder sees it.
-    pub fn decode(&self) -> Result<Vec<f32>> {
+/// Borrowed block scales.
+pub type Scales<'a> = BlockScales<&'a [f32], &'a [u8]>;
+/// Block scales a quantizer writes (the offset included).
+pub type ScalesMut<'a> = BlockScales<&'a mut [f32], &'a mut [u8]>;
+/// Owned block scales.
+pub type Absmax = BlockScales<Vec<f32>, Vec<u8>>;
+
+impl<F: AsRef<[f32]>, C: AsRef<[u8]>> BlockScales<F, C> {
+    /// The scales borrowed.
+    pub fn view(&self) -> Scales<'_> {
         match self {
-            Absmax::Plain(absmax) => Ok(absmax.clone()),
-            Absmax::Nested {
+            BlockScales::Plain(absmax) => BlockScales::Plain(absmax.as_ref()),
+            BlockScales::Nested {
+                codes,
+                scales,
+                offset,
+            } => BlockScales::Nested {
+                codes: codes.as_ref(),
+                scales: scales.as_ref(),
+                offset: *offset,
+            },
+        }
+    }
+
+    /// Double quantization's offset (`None` for plain scales).
+    pub fn offset(&self) -> Option<f32> {
+        match self {
+            BlockScales::Plain(_) => None,
+            BlockScales::Nested { offset, .. } => Some(*offset),
+        }
+    }
+
+    /// The float32 absmax as the decoder sees it, in a new vector.
+    pub fn decode(&self) -> Result<Vec<f32>> {
+        self.view().decoded().map(Cow::into_owned)
+    }
+}
+
+impl<'a> Scales<'a> {
+    /// Checks the buffer lengths for `blocks` blocks (the names of the errors say which).
+    pub fn check(&self, blocks: usize) -> Result<()> {
+        match self {
+            BlockScales::Plain(absmax) => check_len("absmax input", blocks, absmax.len()),
+            BlockScales::Nested { codes, scales, .. } => {
+                check_len("nested codes input", blocks, codes.len())?;
+                check_len("nested scales input", nested_blocks(blocks), scales.len())
+            }
+        }
+    }
+
+    /// The float32 absmax as the decoder sees it: plain scales borrowed, nested ones
+    /// decoded ([`dequantize_absmax`]).
+    pub fn decoded(&self) -> Result<Cow<'a, [f32]>> {
+        match *self {
+            BlockScales::Plain(absmax) => Ok(Cow::Borrowed(absmax)),
+            BlockScales::Nested {
                 codes,
                 scales,
                 offset,
             } => {
                 let mut absmax = vec![0.0; codes.len()];
-                dequantize_absmax(codes, scales, *offset, &mut absmax)?;
-                Ok(absmax)
+                dequantize_absmax(codes, scales, offset, &mut absmax)?;
+                Ok(Cow::Owned(absmax))
+            }
+        }
+    }
+
+    /// [`Scales::decoded`] into a reused buffer: plain scales borrowed, nested ones
+    /// decoded into `scratch`.
+    pub fn decoded_in<'s>(&self, scratch: &'s mut Vec<f32>) -> Result<&'s [f32]>
+    where
+        'a: 's,
+    {
+        match *self {
+            BlockScales::Plain(absmax) => Ok(absmax),
+            BlockScales::Nested {
+                codes,
+                scales,
+                offset,
+            } => {
+                scratch.resize(codes.len(), 0.0);
+                dequantize_absmax(codes, scales, offset, scratch)?;
+                Ok(scratch)
             }
         }
     }
 }
 
-/// A 4-bit quantized tensor (flattened; the caller keeps the shape).
+impl ScalesMut<'_> {
+    /// Checks the output buffer lengths for `blocks` blocks.
+    pub fn check_output(&self, blocks: usize) -> Result<()> {
+        match self {
+            BlockScales::Plain(absmax) => check_len("absmax output", blocks, absmax.len()),
+            BlockScales::Nested { codes, scales, .. } => {
+                check_len("nested codes output", blocks, codes.len())?;
+                check_len("nested scales output", nested_blocks(blocks), scales.len())
+            }
+        }
+    }
+
+    /// Stores the float32 block scales `absmax` (double-quantizing them into the codes,
+    /// nested scales and offset when nested).
+    pub fn store(&mut self, absmax: &[f32]) -> Result<()> {
+        match self {
+            BlockScales::Plain(out) => {
+                check_len("absmax output", absmax.len(), out.len())?;
+                out.copy_from_slice(absmax);
+            }
+            BlockScales::Nested {
+                codes,
+                scales,
+                offset,
+            } => *offset = double_quantize(absmax, codes, scales)?,
+        }
+        Ok(())
+    }
+}
+
+/// A borrowed packed 4-bit tensor: row-major codes (two per byte, first element in the
+/// high nibble), its block scales, the format and the shape. Built by [`PackedView::new`],
+/// which checks the buffer lengths against the shape.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PackedView<'a> {
+    codes: &'a [u8],
+    scales: Scales<'a>,
+    quant_type: QuantType,
+    blocksize: Blocksize,
+    shape: &'a [usize],
+    numel: usize,
+}
+
+impl<'a> PackedView<'a> {
+    /// Checks that `codes` and `scales` hold what a tensor of `shape` needs.
+    pub fn new(
+        codes: &'a [u8],
+        scales: Scales<'a>,
+        quant_type: QuantType,
+        blocksize: Blocksize,
+        shape: &'a [usize],
+    ) -> Result<Self> {
+        // A product that overflows saturates, and then fails the length check below: no
+        // slice can hold usize::MAX / 2 bytes.
+        let numel = shape.iter().fold(1usize, |n, &d| n.saturating_mul(d));
+        if numel == 0 {
+            return Err(QuantError::Empty);
+        }
+        check_len("packed input", packed_len(numel), codes.len())?;
+        scales.check(blocksize.blocks(numel))?;
+        Ok(PackedView {
+            codes,
+            scales,
+            quant_type,
+            blocksize,
+            shape,
+            numel,
+        })
+    }
+
+    /// The packed codes.
+    pub fn codes(&self) -> &'a [u8] {
+        self.codes
+    }
+
+    /// The block scales.
+    pub fn scales(&self) -> Scales<'a> {
+        self.scales
+    }
+
+    pub fn quant_type(&self) -> QuantType {
+        self.quant_type
+    }
+
+    pub fn blocksize(&self) -> Blocksize {
+        self.blocksize
+    }
+
+    pub fn shape(&self) -> &'a [usize] {
+        self.shape
+    }
+
+    /// Number of elements (the product of the shape).
+    pub fn numel(&self) -> usize {
+        self.numel
+    }
+
+    /// `[rows, cols]` of a 2-D tensor, else [`QuantError::NotAMatrix`].
+    pub fn matrix(&self) -> Result<(usize, usize)> {
+        match *self.shape {
+            [rows, cols] => Ok((rows, cols)),
+            _ => Err(QuantError::NotAMatrix(self.shape.to_vec())),
+        }
+    }
+
+    /// Dequantizes into `out` (length `numel`), as [`dequantize_4bit`] does.
+    pub fn dequantize_into<T: Element>(&self, out: &mut [T]) -> Result<()> {
+        let absmax = self.scales.decoded()?;
+        dequantize_4bit(self.codes, &absmax, self.quant_type, self.blocksize, out)
+    }
+}
+
+/// An owned packed 4-bit tensor (its shape is the flat `[numel]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedTensor {
     pub quant_type: QuantType,
@@ -83,9 +268,22 @@ impl PackedTensor {
         })
     }
 
+    /// The tensor borrowed, with the given `shape` (its product must be `numel`).
+    pub fn view<'a>(&'a self, shape: &'a [usize]) -> Result<PackedView<'a>> {
+        let view = PackedView::new(
+            &self.packed,
+            self.absmax.view(),
+            self.quant_type,
+            self.blocksize,
+            shape,
+        )?;
+        check_len("shape", self.numel, view.numel())?;
+        Ok(view)
+    }
+
     /// Dequantizes into `out` (length `numel`).
     pub fn dequantize_into<T: Element>(&self, out: &mut [T]) -> Result<()> {
-        let absmax = self.absmax.decode()?;
+        let absmax = self.absmax.view().decoded()?;
         dequantize_4bit(&self.packed, &absmax, self.quant_type, self.blocksize, out)
     }
 

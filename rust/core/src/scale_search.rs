@@ -27,17 +27,19 @@
 //! [`crate::encode`] give them in the same pass as the codes, and their canonical lane
 //! order makes the chosen scales identical on every CPU.
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
 use crate::codebook::{Codebook, QuantType};
 use crate::dispatch::multiversion;
-use crate::double_quant::{dequantize_absmax, double_quantize};
 use crate::element::Element;
 use crate::encode::{Encoder, Moments};
 use crate::error::{QuantError, Result};
 use crate::layout::{
     check_len, nested_blocks, packed_len, task_blocks, Blocksize, ABSMAX_FLOOR, BLOCKSIZES,
 };
+use crate::packed::{BlockScales, ScalesMut};
 use crate::quantize::{block_max_abs, non_finite_error, quantize_4bit, quantize_partial_block};
 
 /// Candidate scales per block: `absmax * (1 - k * CANDIDATE_STEP)`, `k < CANDIDATES`.
@@ -46,18 +48,6 @@ pub const CANDIDATES: usize = 4;
 pub const CANDIDATE_STEP: f32 = 0.05;
 
 const MAX_BLOCK: usize = BLOCKSIZES[BLOCKSIZES.len() - 1];
-
-/// Where the chosen block scales go.
-pub enum ScaleStore<'a> {
-    /// One float32 scale per block (no double quantization).
-    Float(&'a mut [f32]),
-    /// Double quantization: a uint8 code per block and a float32 scale per
-    /// [`crate::NESTED_BLOCKSIZE`] blocks; the offset is in the report.
-    Double {
-        codes: &'a mut [u8],
-        scales: &'a mut [f32],
-    },
-}
 
 /// Per-input-column importance: element `i` of the row-major tensor has weight
 /// `weights[i % weights.len()]` (so a vector of `in_features` weights the columns of a
@@ -103,8 +93,6 @@ impl<'a> Importance<'a> {
 /// reconstruction errors summed over the tensor, of the result as it decodes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SearchReport {
-    /// Double quantization's offset (`None` with float scales).
-    pub offset: Option<f32>,
     /// Error of what was written.
     pub squared_error: f64,
     /// Error of plain absmax quantization (bitsandbytes' bytes) with the same options.
@@ -114,6 +102,8 @@ pub struct SearchReport {
     /// The search lost on this tensor after double quantization and the absmax result
     /// was written.
     pub kept_absmax: bool,
+    /// Importance weights weighted the errors.
+    pub weighted: bool,
 }
 
 /// Shared, read-only inputs of the per-task loops.
@@ -125,14 +115,15 @@ struct Context<'a> {
 }
 
 /// Quantizes `input` with searched block scales (see the module docs) into `packed` and
-/// `store`. The trailing partial block keeps bitsandbytes' absmax rule.
+/// `scales` (nested ones get their offset too). The trailing partial block keeps
+/// bitsandbytes' absmax rule.
 pub fn quantize_4bit_searched<T: Element>(
     input: &[T],
     quant_type: QuantType,
     blocksize: Blocksize,
     importance: Option<Importance<'_>>,
     packed: &mut [u8],
-    mut store: ScaleStore<'_>,
+    scales: &mut ScalesMut<'_>,
 ) -> Result<SearchReport> {
     let numel = input.len();
     if numel == 0 {
@@ -140,13 +131,7 @@ pub fn quantize_4bit_searched<T: Element>(
     }
     let blocks = blocksize.blocks(numel);
     check_len("packed output", packed_len(numel), packed.len())?;
-    match &store {
-        ScaleStore::Float(scales) => check_len("absmax output", blocks, scales.len())?,
-        ScaleStore::Double { codes, scales } => {
-            check_len("nested codes output", blocks, codes.len())?;
-            check_len("nested scales output", nested_blocks(blocks), scales.len())?;
-        }
-    }
+    scales.check_output(blocks)?;
     let ctx = Context {
         book: quant_type.codebook(),
         encoder: Encoder::best(),
@@ -176,19 +161,24 @@ pub fn quantize_4bit_searched<T: Element>(
     }
 
     // 2. Store the chosen scales; the scales as they decode, for them and for absmax.
-    let offset = store_scales(&chosen, &mut store)?;
-    let decoded = decoded_scales(&store, offset, chosen)?;
-    let decoded_absmax = if offset.is_some() {
-        let mut codes = vec![0u8; blocks];
-        let mut scales = vec![0.0f32; nested_blocks(blocks)];
-        let mut absmax_store = ScaleStore::Double {
-            codes: &mut codes,
-            scales: &mut scales,
-        };
-        let absmax_offset = store_scales(&absmax, &mut absmax_store)?;
-        decoded_scales(&absmax_store, absmax_offset, absmax.clone())?
-    } else {
-        absmax.clone()
+    scales.store(&chosen)?;
+    let decoded = match scales.view().decoded()? {
+        Cow::Owned(decoded) => decoded,
+        Cow::Borrowed(_) => chosen, // stored as they are
+    };
+    let decoded_absmax = match scales {
+        BlockScales::Nested { .. } => {
+            let mut codes = vec![0u8; blocks];
+            let mut nested = vec![0.0f32; nested_blocks(blocks)];
+            let mut absmax_scales = ScalesMut::Nested {
+                codes: &mut codes,
+                scales: &mut nested,
+                offset: 0.0,
+            };
+            absmax_scales.store(&absmax)?;
+            absmax_scales.view().decoded()?.into_owned()
+        }
+        BlockScales::Plain(_) => absmax.clone(),
     };
 
     // 3. Codes against the stored scales, with the error of the result per block.
@@ -211,50 +201,20 @@ pub fn quantize_4bit_searched<T: Element>(
         .sum();
     let squared_norm: f64 = baseline.iter().map(|m| f64::from(m.norm)).sum();
     let mut report = SearchReport {
-        offset,
         squared_error,
         absmax_squared_error,
         squared_norm,
         kept_absmax: false,
+        weighted: ctx.importance.is_some(),
     };
     if squared_error > absmax_squared_error {
         // Never worse than absmax per tensor: write bitsandbytes' result instead.
         quantize_4bit(input, quant_type, blocksize, packed, &mut absmax)?;
-        report.offset = store_scales(&absmax, &mut store)?;
+        scales.store(&absmax)?;
         report.squared_error = absmax_squared_error;
         report.kept_absmax = true;
     }
     Ok(report)
-}
-
-/// Writes `scales` into `store` (double-quantizing them if asked); returns the offset.
-fn store_scales(scales: &[f32], store: &mut ScaleStore<'_>) -> Result<Option<f32>> {
-    match store {
-        ScaleStore::Float(out) => {
-            out.copy_from_slice(scales);
-            Ok(None)
-        }
-        ScaleStore::Double {
-            codes,
-            scales: nested,
-        } => double_quantize(scales, codes, nested).map(Some),
-    }
-}
-
-/// The scales in `store` as the decoder rebuilds them (`chosen` when stored as floats).
-fn decoded_scales(
-    store: &ScaleStore<'_>,
-    offset: Option<f32>,
-    chosen: Vec<f32>,
-) -> Result<Vec<f32>> {
-    match (store, offset) {
-        (ScaleStore::Double { codes, scales }, Some(offset)) => {
-            let mut decoded = chosen;
-            dequantize_absmax(codes, scales, offset, &mut decoded)?;
-            Ok(decoded)
-        }
-        _ => Ok(chosen),
-    }
 }
 
 multiversion! {
@@ -403,6 +363,7 @@ fn partial_moments<T: Element>(
 mod tests {
     use super::*;
     use crate::dequantize::dequantize_4bit;
+    use crate::double_quant::dequantize_absmax;
     use crate::NESTED_BLOCKSIZE;
 
     /// Uniform noise with an outlier every 97 values.
@@ -463,7 +424,7 @@ mod tests {
             blocksize,
             None,
             &mut packed_s,
-            ScaleStore::Float(&mut scales_s),
+            &mut ScalesMut::Plain(&mut scales_s),
         )
         .unwrap();
         let absmax_decoded = decode(&packed_a, &scales_a, blocksize, n);
@@ -498,20 +459,23 @@ mod tests {
         let blocks = blocksize.blocks(n);
         let mut packed = vec![0u8; packed_len(n)];
         let (mut codes, mut nested) = (vec![0u8; blocks], vec![0f32; nested_blocks(blocks)]);
+        let mut stored = ScalesMut::Nested {
+            codes: &mut codes,
+            scales: &mut nested,
+            offset: f32::NAN,
+        };
         let report = quantize_4bit_searched(
             &values,
             QuantType::Nf4,
             blocksize,
             None,
             &mut packed,
-            ScaleStore::Double {
-                codes: &mut codes,
-                scales: &mut nested,
-            },
+            &mut stored,
         )
         .unwrap();
+        let offset = stored.offset().unwrap();
         let mut scales = vec![0f32; blocks];
-        dequantize_absmax(&codes, &nested, report.offset.unwrap(), &mut scales).unwrap();
+        dequantize_absmax(&codes, &nested, offset, &mut scales).unwrap();
         let err = squared_error(&values, &decode(&packed, &scales, blocksize, n), None);
         assert!((report.squared_error - err).abs() <= 1e-3 * err);
         assert!(
@@ -538,7 +502,7 @@ mod tests {
                 blocksize,
                 imp,
                 &mut packed,
-                ScaleStore::Float(&mut scales),
+                &mut ScalesMut::Plain(&mut scales),
             )
             .unwrap();
             decode(&packed, &scales, blocksize, values.len())

@@ -7,7 +7,7 @@
 use half::{bf16, f16};
 use qlorakit_core::{
     dequantize_4bit_reference, gemv_4bit, gemv_4bit_with, Blocksize, Element, GemvKernel,
-    QuantError, QuantType, BLOCKSIZES,
+    PackedView, QuantError, QuantType, Scales, BLOCKSIZES,
 };
 
 mod common;
@@ -90,19 +90,16 @@ impl<T: Element> Case<T> {
     fn run(&self, kernel: GemvKernel, with_bias: bool) -> Vec<T> {
         let mut out = vec![T::from_f32(f32::NAN); self.rows];
         let bias = with_bias.then_some(&self.bias[..]);
-        gemv_4bit_with(
-            kernel,
+        let shape = [self.rows, self.cols];
+        let weight = PackedView::new(
             &self.packed,
-            &self.absmax,
+            Scales::Plain(&self.absmax),
             self.quant_type,
             self.blocksize,
-            self.rows,
-            self.cols,
-            &self.x,
-            bias,
-            &mut out,
+            &shape,
         )
         .unwrap();
+        gemv_4bit_with(kernel, &weight, &self.x, bias, &mut out).unwrap();
         out
     }
 
@@ -284,7 +281,9 @@ fn gemv_rejects_bad_lengths() {
         actual,
     };
     let call = |packed: &[u8], absmax: &[f32], rows, cols, x: &[f32], bias, out: &mut [f32]| {
-        gemv_4bit(packed, absmax, nf4, blocksize, rows, cols, x, bias, out)
+        let shape = [rows, cols];
+        let weight = PackedView::new(packed, Scales::Plain(absmax), nf4, blocksize, &shape)?;
+        gemv_4bit(&weight, x, bias, out)
     };
     assert_eq!(
         call(&packed, &absmax, rows, cols, &x, Some(&bias), &mut out),

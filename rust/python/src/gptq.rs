@@ -4,8 +4,7 @@ use half::{bf16, f16};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use qlorakit_core::gptq::{quantize_4bit_gptq as core_gptq, HessianFactor, DEFAULT_DAMP};
-use qlorakit_core::scale_search::ScaleStore;
-use qlorakit_core::{Blocksize, Element, QuantType};
+use qlorakit_core::{Blocksize, Element, QuantType, ScalesMut};
 
 use crate::{ensure_disjoint, parse_quant_type, to_py_err, view, view_mut, QuantizationError};
 
@@ -73,12 +72,13 @@ pub fn quantize_4bit_gptq(
     }
     .map_err(to_py_err)?;
     let packed = view_mut::<u8>(&mut packed, "packed")?;
-    let store = match nested.as_mut() {
-        Some(nested) => ScaleStore::Double {
+    let mut scales = match nested.as_mut() {
+        Some(nested) => ScalesMut::Nested {
             codes: view_mut::<u8>(&mut absmax, "nested codes")?,
             scales: view_mut::<f32>(nested, "nested scales")?,
+            offset: 0.0,
         },
-        None => ScaleStore::Float(view_mut::<f32>(&mut absmax, "absmax")?),
+        None => ScalesMut::Plain(view_mut::<f32>(&mut absmax, "absmax")?),
     };
     fn typed<T: Element>(
         py: Python<'_>,
@@ -87,7 +87,7 @@ pub fn quantize_4bit_gptq(
         factor: &HessianFactor,
         (quant_type, blocksize, scale_search): (QuantType, Blocksize, bool),
         packed: &mut [u8],
-        store: ScaleStore<'_>,
+        scales: &mut ScalesMut<'_>,
     ) -> PyResult<GptqTuple> {
         let weight = view::<T>(input, "input")?;
         let report = py
@@ -100,12 +100,12 @@ pub fn quantize_4bit_gptq(
                     blocksize,
                     scale_search,
                     packed,
-                    store,
+                    &mut *scales,
                 )
             })
             .map_err(to_py_err)?;
         Ok((
-            report.offset,
+            scales.offset(),
             report.chosen.name(),
             report.output_error,
             report.gptq_output_error,
@@ -115,8 +115,8 @@ pub fn quantize_4bit_gptq(
     }
     let options = (quant_type, blocksize, scale_search);
     match dtype {
-        "float32" => typed::<f32>(py, &input, rows, &factor, options, packed, store),
-        "bfloat16" => typed::<bf16>(py, &input, rows, &factor, options, packed, store),
-        _ => typed::<f16>(py, &input, rows, &factor, options, packed, store),
+        "float32" => typed::<f32>(py, &input, rows, &factor, options, packed, &mut scales),
+        "bfloat16" => typed::<bf16>(py, &input, rows, &factor, options, packed, &mut scales),
+        _ => typed::<f16>(py, &input, rows, &factor, options, packed, &mut scales),
     }
 }

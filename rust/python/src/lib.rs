@@ -202,21 +202,27 @@ fn quantize_4bit_searched(
         .map(core::scale_search::Importance::new)
         .transpose()
         .map_err(to_py_err)?;
-    let store = match nested.as_mut() {
-        Some(nested) => core::scale_search::ScaleStore::Double {
+    let mut scales = match nested.as_mut() {
+        Some(nested) => core::ScalesMut::Nested {
             codes: view_mut::<u8>(&mut absmax, "nested codes")?,
             scales: view_mut::<f32>(nested, "nested scales")?,
+            offset: 0.0,
         },
-        None => core::scale_search::ScaleStore::Float(view_mut::<f32>(&mut absmax, "absmax")?),
+        None => core::ScalesMut::Plain(view_mut::<f32>(&mut absmax, "absmax")?),
     };
     let report = with_dtype!(py, dtype, view(&input, "input"), |values| {
         core::scale_search::quantize_4bit_searched(
-            values, quant_type, blocksize, importance, packed, store,
+            values,
+            quant_type,
+            blocksize,
+            importance,
+            packed,
+            &mut scales,
         )
     })
     .map_err(to_py_err)?;
     Ok((
-        report.offset,
+        scales.offset(),
         report.squared_error,
         report.absmax_squared_error,
         report.squared_norm,
@@ -288,10 +294,16 @@ fn gemv_4bit(
         let x = view::<T>(x, "x")?;
         let bias = bias.map(|b| view::<T>(b, "bias")).transpose()?;
         let out = view_mut::<T>(out, "out")?;
+        let shape = [rows, cols];
         py.detach(|| {
-            core::gemv_4bit(
-                packed, absmax, quant_type, blocksize, rows, cols, x, bias, out,
-            )
+            let weight = core::PackedView::new(
+                packed,
+                core::Scales::Plain(absmax),
+                quant_type,
+                blocksize,
+                &shape,
+            )?;
+            core::gemv_4bit(&weight, x, bias, out)
         })
         .map_err(to_py_err)
     }

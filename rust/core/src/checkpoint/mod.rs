@@ -12,7 +12,7 @@ pub mod writer;
 pub use error::CheckpointError;
 pub use hessian::GptqSummary;
 pub use pipeline::{
-    quantize_checkpoint, Options, Orientation, Progress, Report, SearchSummary, Selection,
-    TensorReport, ERROR_SAMPLE_STRIDE,
+    quantize_checkpoint, Options, Orientation, Progress, Report, Selection, TensorReport,
+    ERROR_SAMPLE_STRIDE,
 };
 pub use source::Source;

@@ -19,12 +19,13 @@ use super::safetensors::{Dtype, SafetensorsFile, TensorInfo};
 use super::source::{Source, INDEX_FILE, SINGLE_FILE};
 use super::writer::{EntrySpec, ShardWriter};
 use crate::codebook::QuantType;
-use crate::double_quant::{dequantize_absmax, double_quantize};
+use crate::double_quant::double_quantize;
 use crate::element::Element;
-use crate::gptq::{quantize_4bit_gptq, HessianFactor};
+use crate::gptq::{quantize_4bit_gptq, GptqReport, HessianFactor};
 use crate::layout::{nested_blocks, packed_len, Blocksize};
+use crate::packed::{PackedView, Scales, ScalesMut};
 use crate::quantize::quantize_4bit;
-use crate::scale_search::{quantize_4bit_searched, Importance, ScaleStore, SearchReport};
+use crate::scale_search::{quantize_4bit_searched, Importance, SearchReport};
 
 /// How to quantize.
 #[derive(Debug, Clone)]
@@ -91,23 +92,13 @@ pub struct TensorReport {
     /// Sums over the sampled blocks (quantized tensors only).
     pub squared_error: f64,
     pub squared_norm: f64,
-    /// With scale search: the exact errors with and without it.
-    pub search: Option<SearchSummary>,
+    /// Double quantization's offset of a quantized tensor (`None` with float32 scales).
+    pub nested_offset: Option<f32>,
+    /// With scale search: the exact errors with and without it, over all the tensor's
+    /// elements, weighted by the importance vector when one was given.
+    pub search: Option<SearchReport>,
     /// With a calibration Hessian: GPTQ's output errors.
     pub gptq: Option<GptqSummary>,
-}
-
-/// Scale search's outcome for one tensor: exact sums over all its elements, weighted by
-/// the importance vector when one was given.
-#[derive(Debug, Clone, Copy)]
-pub struct SearchSummary {
-    pub squared_error: f64,
-    pub absmax_squared_error: f64,
-    pub squared_norm: f64,
-    /// Absmax won on this tensor (after double quantization) and was written.
-    pub kept_absmax: bool,
-    /// An importance vector weighted the error.
-    pub weighted: bool,
 }
 
 /// The outcome of a run.
@@ -370,6 +361,7 @@ fn copy_into(planned: &Planned<'_>, writer: &mut ShardWriter) -> Result<TensorRe
         bytes_out: bytes.len() as u64,
         squared_error: 0.0,
         squared_norm: 0.0,
+        nested_offset: None,
         search: None,
         gptq: None,
     })
@@ -378,13 +370,20 @@ fn copy_into(planned: &Planned<'_>, writer: &mut ShardWriter) -> Result<TensorRe
 /// Buffers reused from tensor to tensor.
 #[derive(Default)]
 struct Workspace {
+    encoded: Encoded,
+    decoded_absmax: Vec<f32>,
+    aligned: Vec<u32>,
+    bytes: Vec<u8>,
+}
+
+/// The current tensor's packed codes and block scales (float32 `absmax`, or the nested
+/// `codes`/`scales` of double quantization).
+#[derive(Default)]
+struct Encoded {
     packed: Vec<u8>,
     absmax: Vec<f32>,
     codes: Vec<u8>,
     scales: Vec<f32>,
-    decoded_absmax: Vec<f32>,
-    aligned: Vec<u32>,
-    bytes: Vec<u8>,
 }
 
 impl Workspace {
@@ -453,98 +452,32 @@ impl Workspace {
                 &transposed[..]
             }
         };
-        let numel = info.numel();
-        let blocks = options.blocksize.blocks(numel);
-        self.packed.resize(packed_len(numel), 0);
-        self.absmax.resize(blocks, 0.0);
         let context = |source| CheckpointError::Quantization {
             path: planned.file.path.clone(),
             tensor: info.name.clone(),
             source,
         };
-        let name = &info.name;
-        let (search, gptq) = match factor {
-            Some(factor) => {
-                let report = self
-                    .quantize_gptq(values, shape[0], factor, options)
-                    .map_err(context)?;
-                (None, Some(report))
-            }
-            None => (
-                self.quantize(values, options, weights).map_err(context)?,
-                None,
-            ),
-        };
-        // The offset of scales already double-quantized by the search or GPTQ.
-        let stored_offset = search.map(|r| r.offset).or(gptq.map(|r| r.offset));
-        writer.write(
-            &format!("{name}.quant_map"),
-            f32_bytes(&options.quant_type.codebook().values, &mut self.bytes),
-        )?;
-        let nested_offset = if options.double_quant {
-            let offset = match stored_offset {
-                Some(offset) => offset.unwrap_or(0.0),
-                None => {
-                    self.codes.resize(blocks, 0);
-                    self.scales.resize(nested_blocks(blocks), 0.0);
-                    double_quantize(&self.absmax, &mut self.codes, &mut self.scales)
-                        .map_err(context)?
-                }
-            };
-            // The scales as they decode: the sampled error is measured against them.
-            self.decoded_absmax.resize(blocks, 0.0);
-            dequantize_absmax(&self.codes, &self.scales, offset, &mut self.decoded_absmax)
-                .map_err(context)?;
-            writer.write(&format!("{name}.absmax"), &self.codes)?;
-            writer.write(
-                &format!("{name}.nested_absmax"),
-                f32_bytes(&self.scales, &mut self.bytes),
-            )?;
-            writer.write(
-                &format!("{name}.nested_quant_map"),
-                f32_bytes(&crate::dynamic_map(), &mut self.bytes),
-            )?;
-            Some(offset)
-        } else {
-            writer.write(
-                &format!("{name}.absmax"),
-                f32_bytes(&self.absmax, &mut self.bytes),
-            )?;
-            None
-        };
-        writer.write(name, &self.packed)?;
-        let state = QuantState {
-            quant_type: options.quant_type,
-            blocksize: options.blocksize,
-            dtype: info.dtype.torch_name().unwrap_or("float32"),
-            shape: &shape,
-            nested_offset,
-            nested_dtype: "float32",
-        };
-        let json = state.to_json().into_bytes();
-        let json_len = json.len();
-        writer.push_variable(state.key(name), json);
-        let scales = if nested_offset.is_some() {
-            &self.decoded_absmax
-        } else {
-            &self.absmax
-        };
-        let (squared_error, squared_norm) = sampled_error(values, &self.packed, scales, options);
+        let (weight, (search, gptq)) = self
+            .encoded
+            .quantize(values, &shape, options, weights, factor)
+            .map_err(context)?;
+        let json_len = write_weight(&info.name, &weight, info.dtype, writer, &mut self.bytes)?;
+        // The sampled error is measured against the scales as they decode.
+        let scales = weight
+            .scales()
+            .decoded_in(&mut self.decoded_absmax)
+            .map_err(context)?;
+        let (squared_error, squared_norm) = sampled_error(values, &weight, scales, options);
         Ok(TensorReport {
-            name: name.clone(),
+            name: info.name.clone(),
             quantized: true,
-            params: numel as u64,
+            params: weight.numel() as u64,
             bytes_in: (info.end - info.begin) as u64,
             bytes_out: entries_bytes(&planned.outputs) + json_len as u64,
             squared_error,
             squared_norm,
-            search: search.map(|r| SearchSummary {
-                squared_error: r.squared_error,
-                absmax_squared_error: r.absmax_squared_error,
-                squared_norm: r.squared_norm,
-                kept_absmax: r.kept_absmax,
-                weighted: weights.is_some(),
-            }),
+            nested_offset: weight.scales().offset(),
+            search,
             gptq: gptq.map(|r| GptqSummary {
                 output_error: r.output_error,
                 absmax_output_error: r.absmax_output_error,
@@ -553,38 +486,55 @@ impl Workspace {
             }),
         })
     }
+}
 
-    /// GPTQ into `packed` and `absmax` (or, with double quantization, `codes`/`scales`).
-    fn quantize_gptq<T: Element>(
-        &mut self,
-        values: &[T],
-        rows: usize,
-        factor: &HessianFactor,
-        options: &Options,
-    ) -> crate::Result<crate::gptq::GptqReport> {
-        let store = scale_store(options, &mut self.absmax, &mut self.codes, &mut self.scales);
-        quantize_4bit_gptq(
-            values,
-            rows,
-            factor,
-            options.quant_type,
-            options.blocksize,
-            options.scale_search,
-            &mut self.packed,
-            store,
-        )
-    }
+/// What [`Encoded::quantize`] ran: scale search's or GPTQ's report, if either.
+type Outcome = (Option<SearchReport>, Option<GptqReport>);
 
-    /// Quantizes into `packed` and `absmax` (or, searched with double quantization, the
-    /// nested `codes`/`scales`).
-    fn quantize<T: Element>(
-        &mut self,
+impl Encoded {
+    /// Quantizes `values` (of `shape`) with `options` into these buffers and returns them
+    /// as a view, with scale search's or GPTQ's report when one ran. With a Hessian
+    /// `factor` the tensor is quantized with GPTQ (`importance` then unused).
+    fn quantize<'a, T: Element>(
+        &'a mut self,
         values: &[T],
+        shape: &'a [usize],
         options: &Options,
         importance: Option<&[f32]>,
-    ) -> crate::Result<Option<SearchReport>> {
+        factor: Option<&HessianFactor>,
+    ) -> crate::Result<(PackedView<'a>, Outcome)> {
         let (quant_type, blocksize) = (options.quant_type, options.blocksize);
-        if !options.scale_search {
+        let blocks = blocksize.blocks(values.len());
+        self.packed.resize(packed_len(values.len()), 0);
+        self.absmax.resize(blocks, 0.0);
+        let (outcome, offset) = if let Some(factor) = factor {
+            let mut scales =
+                scale_store(options, &mut self.absmax, &mut self.codes, &mut self.scales);
+            let report = quantize_4bit_gptq(
+                values,
+                shape[0],
+                factor,
+                quant_type,
+                blocksize,
+                options.scale_search,
+                &mut self.packed,
+                &mut scales,
+            )?;
+            ((None, Some(report)), scales.offset())
+        } else if options.scale_search {
+            let importance = importance.map(Importance::new).transpose()?;
+            let mut scales =
+                scale_store(options, &mut self.absmax, &mut self.codes, &mut self.scales);
+            let report = quantize_4bit_searched(
+                values,
+                quant_type,
+                blocksize,
+                importance,
+                &mut self.packed,
+                &mut scales,
+            )?;
+            ((Some(report), None), scales.offset())
+        } else {
             quantize_4bit(
                 values,
                 quant_type,
@@ -592,50 +542,108 @@ impl Workspace {
                 &mut self.packed,
                 &mut self.absmax,
             )?;
-            return Ok(None);
-        }
-        let store = scale_store(options, &mut self.absmax, &mut self.codes, &mut self.scales);
-        let importance = importance.map(Importance::new).transpose()?;
-        quantize_4bit_searched(
-            values,
-            quant_type,
-            blocksize,
-            importance,
-            &mut self.packed,
-            store,
-        )
-        .map(Some)
+            let offset = if options.double_quant {
+                self.codes.resize(blocks, 0);
+                self.scales.resize(nested_blocks(blocks), 0.0);
+                Some(double_quantize(
+                    &self.absmax,
+                    &mut self.codes,
+                    &mut self.scales,
+                )?)
+            } else {
+                None
+            };
+            ((None, None), offset)
+        };
+        let scales = match offset {
+            Some(offset) => Scales::Nested {
+                codes: &self.codes,
+                scales: &self.scales,
+                offset,
+            },
+            None => Scales::Plain(&self.absmax),
+        };
+        let view = PackedView::new(&self.packed, scales, quant_type, blocksize, shape)?;
+        Ok((view, outcome))
     }
 }
 
 /// Where searched or GPTQ scales go: `absmax` as floats, or with double quantization the
-/// nested `codes`/`scales` (resized to `absmax`'s block count).
+/// nested `codes`/`scales` (resized to `absmax`'s block count; the offset set when stored).
 fn scale_store<'a>(
     options: &Options,
     absmax: &'a mut [f32],
     codes: &'a mut Vec<u8>,
     scales: &'a mut Vec<f32>,
-) -> ScaleStore<'a> {
+) -> ScalesMut<'a> {
     if options.double_quant {
         codes.resize(absmax.len(), 0);
         scales.resize(nested_blocks(absmax.len()), 0.0);
-        ScaleStore::Double { codes, scales }
+        ScalesMut::Nested {
+            codes,
+            scales,
+            offset: 0.0,
+        }
     } else {
-        ScaleStore::Float(absmax)
+        ScalesMut::Plain(absmax)
     }
 }
 
-/// Squared reconstruction error and squared norm over every `stride`-th block: each
-/// block summed in float32, the blocks in float64.
+/// Writes bitsandbytes' tensors for the quantized weight `name` (source dtype `dtype`) and
+/// its quant_state; returns the length of the quant_state JSON.
+fn write_weight(
+    name: &str,
+    weight: &PackedView<'_>,
+    dtype: Dtype,
+    writer: &mut ShardWriter,
+    bytes: &mut Vec<u8>,
+) -> Result<usize> {
+    let quant_type = weight.quant_type();
+    writer.write(
+        &format!("{name}.quant_map"),
+        f32_bytes(&quant_type.codebook().values, bytes),
+    )?;
+    match weight.scales() {
+        Scales::Nested { codes, scales, .. } => {
+            writer.write(&format!("{name}.absmax"), codes)?;
+            writer.write(&format!("{name}.nested_absmax"), f32_bytes(scales, bytes))?;
+            writer.write(
+                &format!("{name}.nested_quant_map"),
+                f32_bytes(&crate::dynamic_map(), bytes),
+            )?;
+        }
+        Scales::Plain(absmax) => {
+            writer.write(&format!("{name}.absmax"), f32_bytes(absmax, bytes))?;
+        }
+    }
+    writer.write(name, weight.codes())?;
+    let state = QuantState {
+        quant_type,
+        blocksize: weight.blocksize(),
+        dtype: dtype.torch_name().unwrap_or("float32"),
+        shape: weight.shape(),
+        nested_offset: weight.scales().offset(),
+        nested_dtype: "float32",
+    };
+    let json = state.to_json().into_bytes();
+    let json_len = json.len();
+    writer.push_variable(state.key(name), json);
+    Ok(json_len)
+}
+
+/// Squared reconstruction error and squared norm of `weight` (its scales decoded as
+/// `absmax`) against `values` over every `stride`-th block: each block summed in float32,
+/// the blocks in float64.
 fn sampled_error<T: Element>(
     values: &[T],
-    packed: &[u8],
+    weight: &PackedView<'_>,
     absmax: &[f32],
     options: &Options,
 ) -> (f64, f64) {
-    let bs = options.blocksize.get();
+    let bs = weight.blocksize().get();
     let stride = options.error_sample_stride.max(1);
-    let table = &options.quant_type.codebook().values;
+    let table = &weight.quant_type().codebook().values;
+    let packed = weight.codes();
     (0..absmax.len())
         .into_par_iter()
         .step_by(stride)
