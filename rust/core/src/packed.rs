@@ -61,18 +61,36 @@ impl<F: AsRef<[f32]>, C: AsRef<[u8]>> BlockScales<F, C> {
     pub fn decode(&self) -> Result<Vec<f32>> {
         self.view().decoded().map(Cow::into_owned)
     }
-}
 
-impl<'a> Scales<'a> {
-    /// Checks the buffer lengths for `blocks` blocks (the names of the errors say which).
-    pub fn check(&self, blocks: usize) -> Result<()> {
+    /// Checks the lengths for `blocks` blocks; `names`: of the absmax, nested codes and
+    /// nested scales buffers, for the error.
+    fn check_lengths(
+        &self,
+        blocks: usize,
+        [absmax_name, codes_name, scales_name]: [&'static str; 3],
+    ) -> Result<()> {
         match self {
-            BlockScales::Plain(absmax) => check_len("absmax input", blocks, absmax.len()),
+            BlockScales::Plain(absmax) => check_len(absmax_name, blocks, absmax.as_ref().len()),
             BlockScales::Nested { codes, scales, .. } => {
-                check_len("nested codes input", blocks, codes.len())?;
-                check_len("nested scales input", nested_blocks(blocks), scales.len())
+                check_len(codes_name, blocks, codes.as_ref().len())?;
+                check_len(scales_name, nested_blocks(blocks), scales.as_ref().len())
             }
         }
+    }
+}
+
+/// Buffer names in the length errors of inputs and of outputs.
+const INPUT_NAMES: [&str; 3] = ["absmax input", "nested codes input", "nested scales input"];
+const OUTPUT_NAMES: [&str; 3] = [
+    "absmax output",
+    "nested codes output",
+    "nested scales output",
+];
+
+impl<'a> Scales<'a> {
+    /// Checks the input buffer lengths for `blocks` blocks (the errors name the buffer).
+    pub fn check(&self, blocks: usize) -> Result<()> {
+        self.check_lengths(blocks, INPUT_NAMES)
     }
 
     /// The float32 absmax as the decoder sees it: plain scales borrowed, nested ones
@@ -80,13 +98,9 @@ impl<'a> Scales<'a> {
     pub fn decoded(&self) -> Result<Cow<'a, [f32]>> {
         match *self {
             BlockScales::Plain(absmax) => Ok(Cow::Borrowed(absmax)),
-            BlockScales::Nested {
-                codes,
-                scales,
-                offset,
-            } => {
-                let mut absmax = vec![0.0; codes.len()];
-                dequantize_absmax(codes, scales, offset, &mut absmax)?;
+            BlockScales::Nested { .. } => {
+                let mut absmax = Vec::new();
+                self.decoded_in(&mut absmax)?;
                 Ok(Cow::Owned(absmax))
             }
         }
@@ -114,15 +128,9 @@ impl<'a> Scales<'a> {
 }
 
 impl ScalesMut<'_> {
-    /// Checks the output buffer lengths for `blocks` blocks.
+    /// Checks the output buffer lengths for `blocks` blocks (the errors name the buffer).
     pub fn check_output(&self, blocks: usize) -> Result<()> {
-        match self {
-            BlockScales::Plain(absmax) => check_len("absmax output", blocks, absmax.len()),
-            BlockScales::Nested { codes, scales, .. } => {
-                check_len("nested codes output", blocks, codes.len())?;
-                check_len("nested scales output", nested_blocks(blocks), scales.len())
-            }
-        }
+        self.check_lengths(blocks, OUTPUT_NAMES)
     }
 
     /// Stores the float32 block scales `absmax` (double-quantizing them into the codes,
