@@ -20,6 +20,10 @@ class QlorakitError(Exception): ...
 class QuantizationError(QlorakitError): ...
 class NonFiniteError(QuantizationError): ...
 
+def check_format(quant_type: str, blocksize: int) -> None:
+    """Raise :class:`QuantizationError` unless ``quant_type`` and ``blocksize`` are a 4-bit
+    format the core knows (the wrappers ask before sizing buffers by them)."""
+
 def quantize_4bit(input: Any, dtype: str, quant_type: str, blocksize: int, packed: Any, absmax: Any) -> None:
     """Quantize ``input`` (bytes of ``dtype`` elements) into ``packed`` (uint8, ceil(n/2))
     and ``absmax`` (float32, ceil(n/blocksize))."""
@@ -33,11 +37,11 @@ def quantize_4bit_searched(
     absmax: Any,
     nested: Any = None,
     importance: Any = None,
-) -> tuple[float | None, float, float, float, bool]:
+) -> SearchReport:
     """Quantize with error-optimal block scales. Without ``nested``: float32 scales into
     ``absmax``; with it: uint8 nested codes into ``absmax``, float32 nested scales into
-    ``nested``. ``importance``: float32 weights per input column. Returns ``(offset,
-    squared_error, absmax_squared_error, squared_norm, kept_absmax)``."""
+    ``nested`` (the report's ``offset`` is theirs). ``importance``: float32 weights per
+    input column."""
 
 def quantize_4bit_gptq(
     input: Any,
@@ -52,11 +56,10 @@ def quantize_4bit_gptq(
     nested: Any = None,
     scale_search: bool = True,
     damp: float = 0.01,
-) -> tuple[float | None, str, float, float, float, float]:
+) -> GptqReport:
     """GPTQ of the row-major weight ``input [rows, cols]`` against ``hessian [cols, cols]``
-    (``hessian_dtype`` float32 or float64); outputs as for ``quantize_4bit_searched``. Returns
-    ``(offset, chosen, output_error, gptq_output_error, absmax_output_error,
-    searched_output_error)``, ``chosen`` one of "gptq", "absmax", "searched"."""
+    (``hessian_dtype`` float32 or float64); outputs as for ``quantize_4bit_searched`` (the
+    report's ``offset`` is that of the nested scales)."""
 
 def dequantize_4bit(packed: Any, absmax: Any, quant_type: str, blocksize: int, out: Any, dtype: str) -> None:
     """Dequantize ``packed`` with float32 ``absmax`` into ``out`` (bytes of ``dtype`` elements)."""
@@ -101,26 +104,148 @@ def read_header(path: str) -> tuple[dict[str, str], list[tuple[str, str, list[in
 def tensor_checksums(path: str) -> dict[str, str]:
     """CRC-32 (hex) of every tensor's bytes in one safetensors file."""
 
+class QuantizeOptions:
+    """How :func:`quantize_checkpoint` quantizes; frozen. The constructor validates (``ValueError``
+    naming the option: an unknown ``quant_type`` or ``blocksize``, ``importance`` without
+    ``scale_search``, a negative or non-finite ``gptq_damp``)."""
+
+    def __init__(
+        self,
+        *,
+        quant_type: str,
+        blocksize: int,
+        double_quant: bool,
+        max_shard_bytes: int,
+        threads: int | None = None,
+        scale_search: bool = False,
+        importance: str | None = None,
+        durable: bool = True,
+        hessians: str | None = None,
+        gptq_damp: float = 0.01,
+    ) -> None: ...
+    @property
+    def quant_type(self) -> str: ...
+    @property
+    def blocksize(self) -> int: ...
+    @property
+    def double_quant(self) -> bool: ...
+    @property
+    def max_shard_bytes(self) -> int:
+        """Largest output shard in bytes (a bigger single tensor gets a shard of its own)."""
+    @property
+    def threads(self) -> int | None:
+        """Worker threads (None: all cores)."""
+    @property
+    def scale_search(self) -> bool: ...
+    @property
+    def importance(self) -> str | None:
+        """The importance file (safetensors) weighting the scale search, if any."""
+    @property
+    def durable(self) -> bool:
+        """Whether every shard is synced to disk before it counts as written."""
+    @property
+    def hessians(self) -> str | None:
+        """The calibration Hessian file (safetensors) of GPTQ, if any."""
+    @property
+    def gptq_damp(self) -> float:
+        """GPTQ's relative damping of each Hessian (``damp * mean(diag(H))`` on its diagonal)."""
+
+class SearchReport:
+    """Scale search's outcome on one tensor: exact (importance-weighted) squared errors over all
+    its elements, of what was written and of plain absmax quantization (bitsandbytes' bytes)."""
+
+    @property
+    def offset(self) -> float | None:
+        """Double quantization's offset of the written scales (None with float32 scales)."""
+    @property
+    def squared_error(self) -> float: ...
+    @property
+    def absmax_squared_error(self) -> float: ...
+    @property
+    def squared_norm(self) -> float: ...
+    @property
+    def kept_absmax(self) -> bool:
+        """The search lost on this tensor after double quantization; absmax's result was written."""
+    @property
+    def weighted(self) -> bool:
+        """An importance vector weighted the errors."""
+
+class GptqReport:
+    """GPTQ's outcome on one tensor: output errors ``tr((W - Q) H (W - Q)^T)`` on the calibration
+    inputs (undamped ``H``) of the error-compensating rounding, of plain absmax quantization
+    (bitsandbytes' bytes) and of the scale search alone, and which of them was written."""
+
+    @property
+    def offset(self) -> float | None:
+        """Double quantization's offset of the written scales (None with float32 scales)."""
+    @property
+    def chosen(self) -> str:
+        """``"gptq"``, or the baseline written instead (``"absmax"``, ``"searched"``)."""
+    @property
+    def output_error(self) -> float:
+        """Error of what was written (the smallest of the three)."""
+    @property
+    def gptq_output_error(self) -> float: ...
+    @property
+    def absmax_output_error(self) -> float: ...
+    @property
+    def searched_output_error(self) -> float: ...
+
+class TensorReport:
+    """What happened to one source tensor of a checkpoint run."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def quantized(self) -> bool:
+        """Quantized (else copied unchanged)."""
+    @property
+    def params(self) -> int: ...
+    @property
+    def bytes_in(self) -> int: ...
+    @property
+    def bytes_out(self) -> int: ...
+    @property
+    def squared_error(self) -> float:
+        """Squared reconstruction error over the sampled blocks (0 for a kept tensor)."""
+    @property
+    def squared_norm(self) -> float:
+        """Squared norm over the sampled blocks (0 for a kept tensor)."""
+    @property
+    def nested_offset(self) -> float | None:
+        """Double quantization's offset (None when kept or with float32 scales)."""
+    @property
+    def search(self) -> SearchReport | None:
+        """With scale search: its outcome on this tensor."""
+    @property
+    def gptq(self) -> GptqReport | None:
+        """With a calibration Hessian for this tensor: GPTQ's outcome on it."""
+
+class CheckpointReport:
+    """The outcome of :func:`quantize_checkpoint`."""
+
+    @property
+    def tensors(self) -> list[TensorReport]:
+        """One row per source tensor, in file order."""
+    @property
+    def shards(self) -> list[tuple[str, int]]:
+        """(file name, size in bytes) of each output shard."""
+    @property
+    def seconds(self) -> float:
+        """Wall time of the pipeline."""
+
 def quantize_checkpoint(
     source: str,
     out_dir: str,
     selected: list[str],
-    quant_type: str,
-    blocksize: int,
-    double_quant: bool,
-    max_shard_bytes: int,
+    options: QuantizeOptions,
     metadata: dict[str, str],
-    threads: int | None = None,
     progress: Any = None,
-    scale_search: bool = False,
-    importance: str | None = None,
     transposed: list[str] = ...,
-    durable: bool = True,
-    hessians: str | None = None,
-    gptq_damp: float = 0.01,
-) -> dict[str, Any]:
-    """Quantize the ``selected`` tensors of ``source`` into the empty directory ``out_dir``
-    (``durable=False``: leave the shards to the page cache, no fsync)."""
+) -> CheckpointReport:
+    """Quantize the ``selected`` tensors of ``source`` (``transposed``: those stored ``[in, out]``)
+    into the empty directory ``out_dir``; ``progress(tensors_done, tensors_total, bytes_done,
+    bytes_total, name)`` is called after each tensor."""
 
 def quant_state_json(
     quant_type: str,

@@ -174,9 +174,9 @@ def quantize_gptq(
     """Quantizes the 2-D ``weight [out, in]`` with GPTQ against ``hessian [in, in]``
     (float32 or float64), in bitsandbytes' format (see the README). The result is the best
     on the calibration output error of GPTQ, absmax and the scale search alone."""
-    from qlorakit.quantization import _check_options, _empty_packed
+    from qlorakit.quantization import _empty_packed
 
-    _check_options(quant_type, blocksize)
+    _core.check_format(quant_type, blocksize)  # before the buffers are sized by it
     tensor = as_tensor(weight)
     if tensor.dim() != 2:
         raise _core.QuantizationError(f"weight: expected a 2-D [out, in] matrix, got shape {tuple(tensor.shape)}")
@@ -192,7 +192,7 @@ def quantize_gptq(
         )
     out = _empty_packed(tuple(tensor.shape), tensor.dtype, quant_type, blocksize, double_quant)
     nested = out.nested_absmax
-    offset, *errors = _core.quantize_4bit_gptq(
+    report = _core.quantize_4bit_gptq(
         byte_view(tensor, "weight"),
         dtype,
         tensor.shape[0],
@@ -206,8 +206,14 @@ def quantize_gptq(
         scale_search,
         damp,
     )
-    out.layout = replace(out.layout, offset=offset)
-    return out, GptqResult(*errors)
+    out.layout = replace(out.layout, offset=report.offset)
+    return out, GptqResult(
+        chosen=report.chosen,
+        output_error=report.output_error,
+        gptq_output_error=report.gptq_output_error,
+        absmax_output_error=report.absmax_output_error,
+        searched_output_error=report.searched_output_error,
+    )
 
 
 def hessians_from_text(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from qlorakit import _core
 from qlorakit._core import CheckpointError, __version__
-from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, DEFAULT_MAX_SHARD_SIZE, QUANT_STATE_MARKER, QUANT_TYPES
+from qlorakit.formats import DEFAULT_BLOCKSIZE, DEFAULT_MAX_SHARD_SIZE, QUANT_STATE_MARKER
 from qlorakit.hf_files import COMPUTE_DTYPES, copy_other_files, quantization_config, write_config
 from qlorakit.progress import ProgressBar, human_bytes
 from qlorakit.selection import Plan, Selection, kept_summary, same_work
@@ -79,7 +79,7 @@ class GptqReport:
     tensors: int
     #: Tensors where a baseline beat GPTQ and was written instead (the fallback).
     tensors_fell_back: int
-    per_tensor: dict[str, tuple[float, float, float, str]] = field(default_factory=dict)
+    per_tensor: dict[str, _core.GptqReport] = field(default_factory=dict)
 
     @property
     def reduction(self) -> float:
@@ -214,18 +214,26 @@ def quantize_checkpoint(
     input or a failed write (``dst`` is then left untouched), ``FileExistsError`` if
     ``dst`` exists and ``force`` is not set, ``ValueError`` on bad options.
     """
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    # Rust validates the pipeline's options (ValueError naming the option); the Hessian file is
+    # added once it is known (in-memory Hessians are saved beside the staging directory).
+    option_values = {
+        "quant_type": quant_type,
+        "blocksize": blocksize,
+        "double_quant": double_quant,
+        "max_shard_bytes": parse_size(max_shard_size),
+        "threads": threads,
+        "scale_search": scale_search,
+        "importance": str(importance) if importance is not None else None,
+        "durable": durable,
+        "gptq_damp": gptq_damp,
+    }
+    pipeline_options = _core.QuantizeOptions(**option_values)
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {compute_dtype!r}")
     source = Path(src).resolve()
     destination = Path(dst).resolve()
     if not source.exists():
         raise CheckpointError(f"{source}: no such file or directory")
-    if importance is not None and not scale_search:
-        raise ValueError("importance weights only apply with scale_search=True (--scale-search)")
     if importance is not None and not Path(importance).is_file():
         raise CheckpointError(f"{importance}: no such importance file")
     if destination == source or source in destination.parents or destination in source.parents:
@@ -251,7 +259,7 @@ def quantize_checkpoint(
     }
     callback = ProgressBar() if progress is True else (progress or None)
 
-    def run(selection: Selection, staging: Path, speculative: bool) -> dict:
+    def run(selection: Selection, staging: Path, speculative: bool) -> _core.CheckpointReport:
         """The Rust pipeline on ``selection``; a speculative run stops once the plan says otherwise."""
 
         def watch(*event: object) -> None:
@@ -272,19 +280,10 @@ def quantize_checkpoint(
             str(source),
             str(staging),
             selection.quantize,
-            quant_type,
-            blocksize,
-            double_quant,
-            parse_size(max_shard_size),
+            pipeline_options,
             metadata,
-            threads,
-            watch,
-            scale_search,
-            str(importance) if importance is not None else None,
-            selection.transposed,
-            durable,
-            hessian_file,
-            gptq_damp,
+            progress=watch,
+            transposed=selection.transposed,
         )
 
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -295,11 +294,13 @@ def quantize_checkpoint(
     hessian_file = str(hessians) if scratch is None and hessians is not None else None
     if scratch is not None:
         hessian_file = str(scratch.save(destination.parent / f"{staging.name}.hessians.safetensors"))
+    if hessian_file is not None:
+        pipeline_options = _core.QuantizeOptions(**option_values, hessians=hessian_file)
     try:
         # While transformers is imported to decide the plan, the pipeline runs on the name rule's
         # guess; it is kept when the plan agrees, and run again on the plan when not.
         try:
-            raw: dict | None = run(plan.guess, staging, plan.speculative)
+            raw: _core.CheckpointReport | None = run(plan.guess, staging, plan.speculative)
         except _PlanChanged:
             raw = None
         selection = plan.final()
@@ -345,50 +346,56 @@ def _check_written_shapes(directory: Path, selection: Selection) -> None:
             )
 
 
-def _report(source: Path, destination: Path, raw: dict, selection: Selection, seconds: float) -> QuantizeReport:
-    quantized = [t for t in raw["tensors"] if t[1]]
-    kept = [t for t in raw["tensors"] if not t[1]]
-    error = sum(t[5] for t in quantized)
-    norm = sum(t[6] for t in quantized)
+def _report(
+    source: Path, destination: Path, raw: _core.CheckpointReport, selection: Selection, seconds: float
+) -> QuantizeReport:
+    tensors = raw.tensors
+    quantized = [t for t in tensors if t.quantized]
+    kept = [t for t in tensors if not t.quantized]
+    error = sum(t.squared_error for t in quantized)
+    norm = sum(t.squared_norm for t in quantized)
+    searched = [t.search for t in quantized if t.search is not None]
+    calibrated = {t.name: t.gptq for t in quantized if t.gptq is not None}
     return QuantizeReport(
         source=str(source),
         destination=str(destination),
         tensors_quantized=len(quantized),
         tensors_kept=len(kept),
-        params_quantized=sum(t[2] for t in quantized),
-        params_kept=sum(t[2] for t in kept),
-        bytes_in=sum(t[3] for t in raw["tensors"]),
-        bytes_out=sum(size for _, size in raw["shards"]),
+        params_quantized=sum(t.params for t in quantized),
+        params_kept=sum(t.params for t in kept),
+        bytes_in=sum(t.bytes_in for t in tensors),
+        bytes_out=sum(size for _, size in raw.shards),
         mean_relative_error=math.sqrt(error / norm) if norm else 0.0,
         seconds=seconds,
         selection_method=selection.method,
-        shards=[(name, size) for name, size in raw["shards"]],
-        per_tensor_error={t[0]: math.sqrt(t[5] / t[6]) if t[6] else 0.0 for t in quantized},
-        search=_search_report(raw["search"]) if raw["search"] else None,
-        gptq=_gptq_report(raw["gptq"]) if raw.get("gptq") else None,
-        kept=kept_summary(selection, {t[0]: t[2] for t in kept}),
+        shards=list(raw.shards),
+        per_tensor_error={
+            t.name: math.sqrt(t.squared_error / t.squared_norm) if t.squared_norm else 0.0 for t in quantized
+        },
+        search=_search_report(searched) if searched else None,
+        gptq=_gptq_report(calibrated) if calibrated else None,
+        kept=kept_summary(selection, {t.name: t.params for t in kept}),
     )
 
 
-def _search_report(per_tensor: dict[str, tuple[float, float, float, bool, bool]]) -> ScaleSearchReport:
-    rows = per_tensor.values()
+def _search_report(per_tensor: Sequence[_core.SearchReport]) -> ScaleSearchReport:
     return ScaleSearchReport(
-        squared_error=sum(r[0] for r in rows),
-        absmax_squared_error=sum(r[1] for r in rows),
-        squared_norm=sum(r[2] for r in rows),
-        tensors_kept_absmax=sum(r[3] for r in rows),
-        tensors_weighted=sum(r[4] for r in rows),
+        squared_error=sum(r.squared_error for r in per_tensor),
+        absmax_squared_error=sum(r.absmax_squared_error for r in per_tensor),
+        squared_norm=sum(r.squared_norm for r in per_tensor),
+        tensors_kept_absmax=sum(r.kept_absmax for r in per_tensor),
+        tensors_weighted=sum(r.weighted for r in per_tensor),
     )
 
 
-def _gptq_report(per_tensor: dict[str, tuple[float, float, float, str]]) -> GptqReport:
+def _gptq_report(per_tensor: dict[str, _core.GptqReport]) -> GptqReport:
     rows = per_tensor.values()
     return GptqReport(
-        output_error=sum(r[0] for r in rows),
-        absmax_output_error=sum(r[1] for r in rows),
-        searched_output_error=sum(r[2] for r in rows),
+        output_error=sum(r.output_error for r in rows),
+        absmax_output_error=sum(r.absmax_output_error for r in rows),
+        searched_output_error=sum(r.searched_output_error for r in rows),
         tensors=len(per_tensor),
-        tensors_fell_back=sum(r[3] != "gptq" for r in rows),
+        tensors_fell_back=sum(r.chosen != "gptq" for r in rows),
         per_tensor=dict(per_tensor),
     )
 

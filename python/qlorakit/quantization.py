@@ -14,16 +14,9 @@ import torch
 from qlorakit import _core
 from qlorakit._core import QuantizationError
 from qlorakit._native import ArrayLike, as_tensor, byte_view, element_dtype_name
-from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE, QUANT_TYPES
+from qlorakit.formats import DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE
 from qlorakit.packed import PackedWeight, QuantLayout
 from qlorakit.tables import dynamic_map
-
-
-def _check_options(quant_type: str, blocksize: int) -> None:
-    if quant_type not in QUANT_TYPES:
-        raise QuantizationError(f"unsupported quant_type {quant_type!r}; expected 'nf4' or 'fp4'")
-    if blocksize not in BLOCKSIZES:
-        raise QuantizationError(f"unsupported blocksize {blocksize}; expected one of {list(BLOCKSIZES)}")
 
 
 def quantize(
@@ -55,7 +48,7 @@ def quantize(
     Raises :class:`~qlorakit.errors.NonFiniteError` on NaN/Inf and
     :class:`~qlorakit.errors.QuantizationError` on any other invalid input.
     """
-    _check_options(quant_type, blocksize)
+    _core.check_format(quant_type, blocksize)  # before the buffers are sized by it
     tensor = as_tensor(x)
     dtype = element_dtype_name(tensor, "input")
     n = tensor.numel()
@@ -107,7 +100,7 @@ def _search_into(out: PackedWeight, tensor: torch.Tensor, dtype: str, importance
                 f"got shape {tuple(weights.shape)}"
             )
     nested = out.nested_absmax
-    offset, *_ = _core.quantize_4bit_searched(
+    report = _core.quantize_4bit_searched(
         byte_view(tensor, "input"),
         dtype,
         out.quant_type,
@@ -117,7 +110,7 @@ def _search_into(out: PackedWeight, tensor: torch.Tensor, dtype: str, importance
         byte_view(nested, "nested scales") if nested is not None else None,
         byte_view(weights, "importance") if weights is not None else None,
     )
-    out.layout = replace(out.layout, offset=offset)
+    out.layout = replace(out.layout, offset=report.offset)
 
 
 def _empty_packed(

@@ -7,15 +7,15 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 use qlorakit_core::checkpoint::quant_state::QuantState;
 use qlorakit_core::checkpoint::safetensors::SafetensorsFile;
 use qlorakit_core::checkpoint::{
-    self, CheckpointError as CoreError, Options, Orientation, Selection, Source,
+    self, CheckpointError as CoreError, Orientation, Selection, Source,
 };
-use qlorakit_core::Blocksize;
 
-use crate::{parse_quant_type, to_py_err, CheckpointError};
+use crate::options::QuantizeOptions;
+use crate::reports::CheckpointReport;
+use crate::{parse_blocksize, parse_quant_type, CheckpointError};
 
 fn checkpoint_err(err: CoreError) -> PyErr {
     CheckpointError::new_err(err.to_string())
@@ -99,7 +99,7 @@ pub fn tensor_checksums(py: Python<'_>, path: PathBuf) -> PyResult<BTreeMap<Stri
 #[pyo3(signature = (quant_type, blocksize, dtype, shape, nested_offset=None, nested_dtype="float32"))]
 pub fn quant_state_json(
     quant_type: &str,
-    blocksize: usize,
+    blocksize: i64,
     dtype: &str,
     shape: Vec<usize>,
     nested_offset: Option<f32>,
@@ -107,7 +107,7 @@ pub fn quant_state_json(
 ) -> PyResult<String> {
     let state = QuantState {
         quant_type: parse_quant_type(quant_type)?,
-        blocksize: Blocksize::new(blocksize).map_err(to_py_err)?,
+        blocksize: parse_blocksize(blocksize)?,
         dtype,
         shape: &shape,
         nested_offset,
@@ -116,43 +116,24 @@ pub fn quant_state_json(
     Ok(state.to_json())
 }
 
-/// Quantizes the checkpoint at `source` into the existing empty directory `out_dir`.
-/// `progress(tensors_done, tensors_total, bytes_done, bytes_total, name)` is called after
-/// each tensor. Returns the report as a dict.
+/// Quantizes the checkpoint at `source` into the existing empty directory `out_dir` with
+/// `options`. `progress(tensors_done, tensors_total, bytes_done, bytes_total, name)` is
+/// called after each tensor.
 #[pyfunction]
-#[pyo3(signature = (source, out_dir, selected, quant_type, blocksize, double_quant, max_shard_bytes, metadata, threads=None, progress=None, scale_search=false, importance=None, transposed=Vec::new(), durable=true, hessians=None, gptq_damp=qlorakit_core::gptq::DEFAULT_DAMP))]
-#[allow(clippy::too_many_arguments)]
-pub fn quantize_checkpoint<'py>(
-    py: Python<'py>,
+#[pyo3(signature = (source, out_dir, selected, options, metadata, progress=None, transposed=Vec::new()))]
+#[allow(clippy::too_many_arguments)] // seven Python arguments and the GIL token
+pub fn quantize_checkpoint(
+    py: Python<'_>,
     source: PathBuf,
     out_dir: PathBuf,
     selected: Vec<String>,
-    quant_type: &str,
-    blocksize: usize,
-    double_quant: bool,
-    max_shard_bytes: u64,
+    options: &Bound<'_, QuantizeOptions>,
     metadata: BTreeMap<String, String>,
-    threads: Option<usize>,
     progress: Option<Py<PyAny>>,
-    scale_search: bool,
-    importance: Option<PathBuf>,
     transposed: Vec<String>,
-    durable: bool,
-    hessians: Option<PathBuf>,
-    gptq_damp: f64,
-) -> PyResult<Bound<'py, PyDict>> {
-    let options = Options {
-        quant_type: parse_quant_type(quant_type)?,
-        blocksize: Blocksize::new(blocksize).map_err(to_py_err)?,
-        double_quant,
-        max_shard_bytes,
-        error_sample_stride: checkpoint::ERROR_SAMPLE_STRIDE,
-        scale_search,
-        importance,
-        hessians,
-        gptq_damp,
-        durable,
-    };
+) -> PyResult<CheckpointReport> {
+    let threads = options.get().threads;
+    let options = options.get().core.clone();
     let transposed: HashSet<String> = transposed.into_iter().collect();
     if let Some(name) = transposed.iter().find(|name| !selected.contains(name)) {
         return Err(CheckpointError::new_err(format!(
@@ -245,57 +226,5 @@ pub fn quantize_checkpoint<'py>(
         return Err(err);
     }
     let report = result.map_err(checkpoint_err)?;
-    let dict = PyDict::new(py);
-    let tensors: Vec<(String, bool, u64, u64, u64, f64, f64)> = report
-        .tensors
-        .iter()
-        .map(|t| {
-            (
-                t.name.clone(),
-                t.quantized,
-                t.params,
-                t.bytes_in,
-                t.bytes_out,
-                t.squared_error,
-                t.squared_norm,
-            )
-        })
-        .collect();
-    dict.set_item("tensors", tensors)?;
-    // Scale search, per quantized tensor: exact (weighted) errors with and without it.
-    let search = PyDict::new(py);
-    for t in &report.tensors {
-        if let Some(r) = &t.search {
-            search.set_item(
-                &t.name,
-                (
-                    r.squared_error,
-                    r.absmax_squared_error,
-                    r.squared_norm,
-                    r.kept_absmax,
-                    r.weighted,
-                ),
-            )?;
-        }
-    }
-    dict.set_item("search", search)?;
-    // GPTQ, per calibrated tensor: output errors on the calibration inputs.
-    let gptq = PyDict::new(py);
-    for t in &report.tensors {
-        if let Some(r) = &t.gptq {
-            gptq.set_item(
-                &t.name,
-                (
-                    r.output_error,
-                    r.absmax_output_error,
-                    r.searched_output_error,
-                    r.chosen,
-                ),
-            )?;
-        }
-    }
-    dict.set_item("gptq", gptq)?;
-    dict.set_item("shards", report.shards)?;
-    dict.set_item("seconds", report.seconds)?;
-    Ok(dict)
+    Ok(CheckpointReport::from(report))
 }

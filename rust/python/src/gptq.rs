@@ -6,16 +6,17 @@ use pyo3::prelude::*;
 use qlorakit_core::gptq::{quantize_4bit_gptq as core_gptq, HessianFactor, DEFAULT_DAMP};
 use qlorakit_core::{Blocksize, Element, QuantType, ScalesMut};
 
-use crate::{ensure_disjoint, parse_quant_type, to_py_err, view, view_mut, QuantizationError};
-
-/// `(offset or None, chosen, output_error, gptq_output_error, absmax_output_error,
-/// searched_output_error)`.
-type GptqTuple = (Option<f32>, &'static str, f64, f64, f64, f64);
+use crate::reports::GptqReport;
+use crate::{
+    ensure_disjoint, parse_blocksize, parse_quant_type, to_py_err, view, view_mut,
+    QuantizationError,
+};
 
 /// GPTQ of the row-major weight `input [rows, cols]` (bytes of `dtype`) given the
 /// Hessian `hessian [cols, cols]` (float32 or float64, `hessian_dtype`). Outputs as for
 /// `quantize_4bit_searched`: without `nested`, float32 scales into `absmax`; with it, the
-/// uint8 nested codes into `absmax` and the float32 nested scales into `nested`.
+/// uint8 nested codes into `absmax` and the float32 nested scales into `nested`. Returns
+/// the `GptqReport` (with the offset of the nested scales).
 #[pyfunction]
 #[pyo3(signature = (input, dtype, rows, hessian, hessian_dtype, quant_type, blocksize, packed, absmax, nested=None, scale_search=true, damp=DEFAULT_DAMP))]
 #[allow(clippy::too_many_arguments)]
@@ -27,15 +28,15 @@ pub fn quantize_4bit_gptq(
     hessian: PyBuffer<u8>,
     hessian_dtype: &str,
     quant_type: &str,
-    blocksize: usize,
+    blocksize: i64,
     mut packed: PyBuffer<u8>,
     mut absmax: PyBuffer<u8>,
     mut nested: Option<PyBuffer<u8>>,
     scale_search: bool,
     damp: f64,
-) -> PyResult<GptqTuple> {
+) -> PyResult<GptqReport> {
     let quant_type = parse_quant_type(quant_type)?;
-    let blocksize = Blocksize::new(blocksize).map_err(to_py_err)?;
+    let blocksize = parse_blocksize(blocksize)?;
     ensure_disjoint(&packed, &[&input, &absmax, &hessian])?;
     ensure_disjoint(&absmax, &[&input, &hessian])?;
     if let Some(nested) = &nested {
@@ -88,7 +89,7 @@ pub fn quantize_4bit_gptq(
         (quant_type, blocksize, scale_search): (QuantType, Blocksize, bool),
         packed: &mut [u8],
         scales: &mut ScalesMut<'_>,
-    ) -> PyResult<GptqTuple> {
+    ) -> PyResult<GptqReport> {
         let weight = view::<T>(input, "input")?;
         let report = py
             .detach(|| {
@@ -104,14 +105,7 @@ pub fn quantize_4bit_gptq(
                 )
             })
             .map_err(to_py_err)?;
-        Ok((
-            scales.offset(),
-            report.chosen.name(),
-            report.output_error,
-            report.gptq_output_error,
-            report.absmax_output_error,
-            report.searched_output_error,
-        ))
+        Ok(GptqReport::new(&report, scales.offset()))
     }
     let options = (quant_type, blocksize, scale_search);
     match dtype {

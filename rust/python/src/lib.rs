@@ -7,6 +7,8 @@
 
 mod checkpoint;
 mod gptq;
+mod options;
+mod reports;
 
 use half::{bf16, f16};
 use pyo3::buffer::PyBuffer;
@@ -14,6 +16,8 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use qlorakit_core::{self as core, Blocksize, Element, QuantError, QuantType};
+
+use crate::reports::SearchReport;
 
 create_exception!(
     _core,
@@ -51,8 +55,24 @@ pub(crate) fn parse_quant_type(name: &str) -> PyResult<QuantType> {
     name.parse().map_err(to_py_err)
 }
 
-fn parse_blocksize(size: usize) -> PyResult<Blocksize> {
-    Blocksize::new(size).map_err(to_py_err)
+pub(crate) fn parse_blocksize(size: i64) -> PyResult<Blocksize> {
+    Blocksize::from_signed(size).map_err(to_py_err)
+}
+
+/// Checks a 4-bit format (the core's rules, `QuantizationError` if it has none such):
+/// what the Python wrappers ask before they allocate buffers for it.
+#[pyfunction]
+fn check_format(quant_type: &Bound<'_, PyAny>, blocksize: i64) -> PyResult<()> {
+    match quant_type.extract::<&str>() {
+        Ok(name) => parse_quant_type(name)?,
+        // Not a string: no such quant type either.
+        Err(_) => {
+            let given = quant_type.str()?.to_string();
+            return Err(to_py_err(QuantError::UnsupportedQuantType(given)));
+        }
+    };
+    parse_blocksize(blocksize)?;
+    Ok(())
 }
 
 /// Checks that a buffer can be viewed as C-contiguous, aligned elements of `T`;
@@ -151,7 +171,7 @@ fn quantize_4bit(
     input: PyBuffer<u8>,
     dtype: &str,
     quant_type: &str,
-    blocksize: usize,
+    blocksize: i64,
     mut packed: PyBuffer<u8>,
     mut absmax: PyBuffer<u8>,
 ) -> PyResult<()> {
@@ -170,22 +190,22 @@ fn quantize_4bit(
 /// Quantize with error-optimal block scales instead of absmax (see the core's
 /// `scale_search`). Without `nested`, `absmax` receives float32 scales; with it, `absmax`
 /// receives the uint8 nested codes and `nested` the float32 nested scales.
-/// `importance`: float32 weights per input column, or None. Returns
-/// `(offset or None, squared_error, absmax_squared_error, squared_norm, kept_absmax)`.
+/// `importance`: float32 weights per input column, or None. Returns the `SearchReport`
+/// (with the offset of the nested scales).
 #[pyfunction]
 #[pyo3(signature = (input, dtype, quant_type, blocksize, packed, absmax, nested=None, importance=None))]
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+#[allow(clippy::too_many_arguments)]
 fn quantize_4bit_searched(
     py: Python<'_>,
     input: PyBuffer<u8>,
     dtype: &str,
     quant_type: &str,
-    blocksize: usize,
+    blocksize: i64,
     mut packed: PyBuffer<u8>,
     mut absmax: PyBuffer<u8>,
     mut nested: Option<PyBuffer<u8>>,
     importance: Option<PyBuffer<u8>>,
-) -> PyResult<(Option<f32>, f64, f64, f64, bool)> {
+) -> PyResult<SearchReport> {
     let quant_type = parse_quant_type(quant_type)?;
     let blocksize = parse_blocksize(blocksize)?;
     ensure_disjoint(&packed, &[&input, &absmax])?;
@@ -221,13 +241,7 @@ fn quantize_4bit_searched(
         )
     })
     .map_err(to_py_err)?;
-    Ok((
-        scales.offset(),
-        report.squared_error,
-        report.absmax_squared_error,
-        report.squared_norm,
-        report.kept_absmax,
-    ))
+    Ok(SearchReport::new(&report, scales.offset()))
 }
 
 /// Dequantize `packed` with float32 `absmax` into `out` (bytes of `dtype` elements).
@@ -238,7 +252,7 @@ fn dequantize_4bit(
     packed: PyBuffer<u8>,
     absmax: PyBuffer<u8>,
     quant_type: &str,
-    blocksize: usize,
+    blocksize: i64,
     mut out: PyBuffer<u8>,
     dtype: &str,
 ) -> PyResult<()> {
@@ -263,7 +277,7 @@ fn gemv_4bit(
     packed: PyBuffer<u8>,
     absmax: PyBuffer<u8>,
     quant_type: &str,
-    blocksize: usize,
+    blocksize: i64,
     rows: usize,
     cols: usize,
     x: PyBuffer<u8>,
@@ -377,6 +391,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("QuantizationError", py.get_type::<QuantizationError>())?;
     m.add("NonFiniteError", py.get_type::<NonFiniteError>())?;
     m.add("CheckpointError", py.get_type::<CheckpointError>())?;
+    m.add_class::<options::QuantizeOptions>()?;
+    m.add_class::<reports::CheckpointReport>()?;
+    m.add_class::<reports::TensorReport>()?;
+    m.add_class::<reports::SearchReport>()?;
+    m.add_class::<reports::GptqReport>()?;
+    m.add_function(wrap_pyfunction!(check_format, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::quantize_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::list_tensors, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::quant_state_json, m)?)?;

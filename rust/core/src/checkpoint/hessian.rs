@@ -18,17 +18,6 @@ use crate::gptq::HessianFactor;
 /// Factors kept at once: q/k/v and o interleave in a name-sorted checkpoint.
 const CACHED_FACTORS: usize = 2;
 
-/// The outcome of GPTQ for one tensor: output errors on the calibration inputs (see
-/// [`crate::gptq::GptqReport`]).
-#[derive(Debug, Clone, Copy)]
-pub struct GptqSummary {
-    pub output_error: f64,
-    pub absmax_output_error: f64,
-    pub searched_output_error: f64,
-    /// `"gptq"`, or the baseline written instead (`"absmax"`, `"searched"`).
-    pub chosen: &'static str,
-}
-
 /// An opened Hessian file with its factor cache.
 pub struct HessianFile {
     file: SafetensorsFile,

@@ -10,7 +10,6 @@ pub mod source;
 pub mod writer;
 
 pub use error::CheckpointError;
-pub use hessian::GptqSummary;
 pub use pipeline::{
     quantize_checkpoint, Options, Orientation, Progress, Report, Selection, TensorReport,
     ERROR_SAMPLE_STRIDE,

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use super::error::{CheckpointError, Result};
-use super::hessian::{GptqSummary, HessianFile};
+use super::hessian::HessianFile;
 use super::importance::ImportanceFile;
 use super::quant_state::{quant_state_key, QuantState};
 use super::safetensors::{Dtype, SafetensorsFile, TensorInfo};
@@ -97,8 +97,9 @@ pub struct TensorReport {
     /// With scale search: the exact errors with and without it, over all the tensor's
     /// elements, weighted by the importance vector when one was given.
     pub search: Option<SearchReport>,
-    /// With a calibration Hessian: GPTQ's output errors.
-    pub gptq: Option<GptqSummary>,
+    /// With a calibration Hessian: GPTQ's output errors on the calibration inputs, and
+    /// which result was written.
+    pub gptq: Option<GptqReport>,
 }
 
 /// The outcome of a run.
@@ -478,12 +479,7 @@ impl Workspace {
             squared_norm,
             nested_offset: weight.scales().offset(),
             search,
-            gptq: gptq.map(|r| GptqSummary {
-                output_error: r.output_error,
-                absmax_output_error: r.absmax_output_error,
-                searched_output_error: r.searched_output_error,
-                chosen: r.chosen.name(),
-            }),
+            gptq,
         })
     }
 }
