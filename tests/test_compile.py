@@ -14,6 +14,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import qlorakit
 from helpers.architectures import BY_NAME, batch
+from helpers.checkpoints import add_nonzero_lora
 from qlorakit import ops
 from qlorakit.nn import Linear4bit
 
@@ -110,12 +111,7 @@ def test_lora_training_step_compiles_fullgraph(tmp_path: Path) -> None:
 
     def build() -> torch.nn.Module:
         model = qlorakit.from_pretrained(tmp_path / "packed", compute_dtype=torch.float32)
-        torch.manual_seed(3)
-        qlorakit.add_lora(model, qlorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(parameter, std=0.02, generator=torch.Generator().manual_seed(1))
-        return model
+        return add_nonzero_lora(model, seed=3, b_seed=1)
 
     def step(call: torch.nn.Module, model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss = call(**inputs).loss

@@ -11,7 +11,7 @@ import torch
 
 import qlorakit
 from helpers.bnb_reference import bnb_state_of
-from helpers.checkpoints import save_tiny_llama
+from helpers.checkpoints import add_nonzero_lora, save_tiny_llama
 from qlorakit import cli
 from qlorakit.calibration import collect_hessians, quantize_gptq
 
@@ -122,12 +122,7 @@ def test_calibrated_checkpoint_is_thread_count_independent_and_loads(tiny_llama:
 
 def adapter_model(packed: Path) -> torch.nn.Module:
     model = qlorakit.load_packed(packed, compute_dtype=torch.float32).to(torch.float32)
-    torch.manual_seed(5)
-    qlorakit.add_lora(model, qlorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.02, generator=torch.Generator().manual_seed(7))
-    return model
+    return add_nonzero_lora(model, seed=5, b_seed=7)
 
 
 def test_calibrated_merge_is_closer_to_the_adapter_model_than_plain_requantization(tiny_llama: Path) -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from qlorakit import _core
 from qlorakit._core import CheckpointError, __version__
+from qlorakit.directories import replace_directory
 from qlorakit.formats import DEFAULT_BLOCKSIZE, DEFAULT_MAX_SHARD_SIZE, QUANT_STATE_MARKER
 from qlorakit.hf_files import COMPUTE_DTYPES, copy_other_files, quantization_config, write_config
 from qlorakit.progress import ProgressBar, human_bytes
@@ -312,7 +313,7 @@ def quantize_checkpoint(
         copy_other_files(source_dir, staging)
         if durable:
             _sync_tree(staging)
-        _replace(staging, destination)
+        replace_directory(staging, destination)
     except CheckpointError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         # Name the destination the user gave, not the staging directory (gone by now).
@@ -437,23 +438,6 @@ def _sync_tree(directory: Path) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-
-
-def _replace(staging: Path, destination: Path) -> None:
-    """Renames the finished staging directory onto ``destination`` (moving an existing
-    one aside first, and deleting it only once the new one is in place)."""
-    previous = None
-    if destination.exists():
-        previous = destination.parent / f".{destination.name}.qlorakit-previous-{os.getpid()}"
-        os.rename(destination, previous)
-    os.rename(staging, destination)
-    descriptor = os.open(destination.parent, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    if previous is not None:
-        shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
 
 
 def _safetensors_files(path: Path) -> list[Path]:

@@ -26,7 +26,6 @@ The functions here are collective: every rank calls them, in the same order.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -121,6 +120,7 @@ def save_base_checkpoint(model: nn.Module, directory: str | os.PathLike[str], fo
     gather). Returns the directory on rank 0, ``None`` elsewhere."""
     from transformers import PreTrainedModel
 
+    from qlorakit.directories import replace_directory, staging_beside
     from qlorakit.lora.targets import lora_modules
 
     destination = Path(directory)
@@ -130,9 +130,6 @@ def save_base_checkpoint(model: nn.Module, directory: str | os.PathLike[str], fo
     if _rank() != 0:
         return None
     base = base_state_dict(gathered, [name for name, _ in lora_modules(model)])
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = destination.parent / f".{destination.name}.qlorakit-partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     # The class's save_pretrained, as for a model without adapters: the instance's writes only the adapter, and
     # transformers saves only an adapter while the model is marked as carrying one (qlorakit.trainer_support).
     # It also ignores `state_dict=` while the model has an hf_quantizer (it asks the quantizer for one instead);
@@ -140,11 +137,9 @@ def save_base_checkpoint(model: nn.Module, directory: str | os.PathLike[str], fo
     marked, quantizer = getattr(model, "_hf_peft_config_loaded", False), getattr(model, "hf_quantizer", None)
     try:
         model._hf_peft_config_loaded, model.hf_quantizer = False, None
-        PreTrainedModel.save_pretrained(model, str(staging), state_dict=base)
-        if destination.exists():
-            shutil.rmtree(destination) if destination.is_dir() else destination.unlink()
-        os.rename(staging, destination)
+        with staging_beside(destination, "partial") as staging:
+            PreTrainedModel.save_pretrained(model, str(staging), state_dict=base)
+            replace_directory(staging, destination)
     finally:
         model._hf_peft_config_loaded, model.hf_quantizer = marked, quantizer
-        shutil.rmtree(staging, ignore_errors=True)
     return destination

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,7 +176,8 @@ def save_merged(
     changed). ``tokenizer`` (anything with ``save_pretrained``) is saved beside the model.
     The model is changed in place (its adapters are merged). Returns a
     :class:`MergeReport`, which is ``os.PathLike`` (the directory)."""
-    from qlorakit.checkpoint import _replace, quantize_checkpoint
+    from qlorakit.checkpoint import quantize_checkpoint
+    from qlorakit.directories import replace_directory, staging_beside
     from qlorakit.lora import merge_lora
 
     destination = Path(directory).resolve()
@@ -201,19 +200,15 @@ def save_merged(
         model.is_loaded_in_4bit = False
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.merged-", dir=destination.parent))
-    try:
+    with staging_beside(destination, "merged") as staging:
         model.save_pretrained(str(staging))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         if not requantize:
-            _replace(staging, destination)
+            replace_directory(staging, destination)
             return MergeReport(destination)
         options = {"force": True, **quantize_options}
         report = quantize_checkpoint(staging, destination, hessians=hessians, **options)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     result = MergeReport(destination, report)
     if reference is not None and reference.batches:
         result.kl = reference.kl_of(destination)

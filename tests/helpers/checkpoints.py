@@ -32,3 +32,16 @@ def save_tiny_llama(directory: Path, **config_overrides: object) -> None:
         **config_overrides,
     )
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(directory))
+
+
+def add_nonzero_lora(model: torch.nn.Module, seed: int, b_seed: int) -> torch.nn.Module:
+    """qlorakit's LoRA (r=4, alpha 8, every linear layer) on ``model``, initialized with ``seed``, and ``lora_B``
+    drawn from N(0, 0.02) with ``b_seed`` instead of zeros, so the adapters change the outputs (as after training)."""
+    import qlorakit
+
+    torch.manual_seed(seed)
+    qlorakit.add_lora(model, qlorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02, generator=torch.Generator().manual_seed(b_seed))
+    return model

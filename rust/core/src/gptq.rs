@@ -320,40 +320,17 @@ fn searched_candidate<T: Element>(
     let blocks = blocksize.blocks(numel);
     let mut packed = vec![0u8; packed_len(numel)];
     let importance = Some(Importance::new(diagonal)?);
-    let absmax = if double_quant {
-        let mut codes = vec![0u8; blocks];
-        let mut nested = vec![0.0f32; crate::layout::nested_blocks(blocks)];
-        let mut scales = ScalesMut::Nested {
-            codes: &mut codes,
-            scales: &mut nested,
-            offset: 0.0,
-        };
+    let mut absmax = Absmax::zeroed(blocks, double_quant);
+    absmax.write_with(|scales| {
         quantize_4bit_searched(
             weight,
             quant_type,
             blocksize,
             importance,
             &mut packed,
-            &mut scales,
-        )?;
-        let offset = scales.offset().unwrap_or(0.0);
-        Absmax::Nested {
-            codes,
-            scales: nested,
-            offset,
-        }
-    } else {
-        let mut scales = vec![0.0f32; blocks];
-        quantize_4bit_searched(
-            weight,
-            quant_type,
-            blocksize,
-            importance,
-            &mut packed,
-            &mut ScalesMut::Plain(&mut scales),
-        )?;
-        Absmax::Plain(scales)
-    };
+            scales,
+        )
+    })?;
     Ok(PackedTensor {
         quant_type,
         blocksize,

@@ -151,6 +151,46 @@ impl ScalesMut<'_> {
     }
 }
 
+impl Absmax {
+    /// Zeroed scales for `blocks` blocks: double-quantized (codes, nested scales, offset 0) when
+    /// `double_quant` is set, else plain float32.
+    pub fn zeroed(blocks: usize, double_quant: bool) -> Self {
+        if double_quant {
+            BlockScales::Nested {
+                codes: vec![0; blocks],
+                scales: vec![0.0; nested_blocks(blocks)],
+                offset: 0.0,
+            }
+        } else {
+            BlockScales::Plain(vec![0.0; blocks])
+        }
+    }
+
+    /// Lets `write` fill these scales as a quantizer writes [`ScalesMut`], keeping the offset it sets.
+    pub fn write_with<R>(
+        &mut self,
+        write: impl FnOnce(&mut ScalesMut<'_>) -> Result<R>,
+    ) -> Result<R> {
+        match self {
+            BlockScales::Plain(absmax) => write(&mut BlockScales::Plain(absmax.as_mut_slice())),
+            BlockScales::Nested {
+                codes,
+                scales,
+                offset,
+            } => {
+                let mut target = BlockScales::Nested {
+                    codes: codes.as_mut_slice(),
+                    scales: scales.as_mut_slice(),
+                    offset: *offset,
+                };
+                let result = write(&mut target)?;
+                *offset = target.offset().unwrap_or(*offset);
+                Ok(result)
+            }
+        }
+    }
+}
+
 /// A borrowed packed 4-bit tensor: row-major codes (two per byte, first element in the
 /// high nibble), its block scales, the format and the shape. Built by [`PackedView::new`],
 /// which checks the buffer lengths against the shape.

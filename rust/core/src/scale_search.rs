@@ -36,10 +36,8 @@ use crate::dispatch::multiversion;
 use crate::element::Element;
 use crate::encode::{Encoder, Moments};
 use crate::error::{QuantError, Result};
-use crate::layout::{
-    check_len, nested_blocks, packed_len, task_blocks, Blocksize, ABSMAX_FLOOR, BLOCKSIZES,
-};
-use crate::packed::{BlockScales, ScalesMut};
+use crate::layout::{check_len, packed_len, task_blocks, Blocksize, ABSMAX_FLOOR, BLOCKSIZES};
+use crate::packed::{Absmax, BlockScales, ScalesMut};
 use crate::quantize::{block_max_abs, non_finite_error, quantize_4bit, quantize_partial_block};
 
 /// Candidate scales per block: `absmax * (1 - k * CANDIDATE_STEP)`, `k < CANDIDATES`.
@@ -168,14 +166,8 @@ pub fn quantize_4bit_searched<T: Element>(
     };
     let decoded_absmax = match scales {
         BlockScales::Nested { .. } => {
-            let mut codes = vec![0u8; blocks];
-            let mut nested = vec![0.0f32; nested_blocks(blocks)];
-            let mut absmax_scales = ScalesMut::Nested {
-                codes: &mut codes,
-                scales: &mut nested,
-                offset: 0.0,
-            };
-            absmax_scales.store(&absmax)?;
+            let mut absmax_scales = Absmax::zeroed(blocks, true);
+            absmax_scales.write_with(|scales| scales.store(&absmax))?;
             absmax_scales.view().decoded()?.into_owned()
         }
         BlockScales::Plain(_) => absmax.clone(),
@@ -364,6 +356,7 @@ mod tests {
     use super::*;
     use crate::dequantize::dequantize_4bit;
     use crate::double_quant::dequantize_absmax;
+    use crate::layout::nested_blocks;
     use crate::NESTED_BLOCKSIZE;
 
     /// Uniform noise with an outlier every 97 values.
