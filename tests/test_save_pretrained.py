@@ -57,9 +57,14 @@ def four_bit_layers(model: torch.nn.Module) -> list[str]:
 
 
 def compute_in_float32(model: torch.nn.Module) -> torch.nn.Module:
+    """Float32 compute in every 4-bit layer, qlorakit's or bitsandbytes'. bitsandbytes' layers also leave out
+    their CPU eval kernel (AVX512-BF16 machines), which repacks the weight with its scales rounded to bfloat16:
+    both sides then multiply by the same dequantized float32 weights."""
     for module in model.modules():
         if type(module).__name__ == "Linear4bit":
             module.compute_dtype = torch.float32
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     return model
 
 
@@ -89,9 +94,8 @@ def assert_saved_dir_is_the_packed_checkpoint(
         assert four_bit_layers(model), "no 4-bit layer: the case tests nothing"
     ours = logits(compute_in_float32(qlorakit.from_pretrained(case["packed"])), architecture)
     theirs = logits(compute_in_float32(bnb_model), architecture)
-    # float32 compute on both sides: the same dequantized weights; bitsandbytes' CPU eval kernel (AVX512-BF16
-    # machines) rounds its scales to bfloat16, hence the tolerance.
-    assert torch.allclose(ours, theirs, rtol=1e-2, atol=1e-2), float((ours - theirs).abs().max())
+    # The same float32 weights on both sides: only the order of float32 sums may differ.
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4), float((ours - theirs).abs().max())
 
     reloaded = qlorakit.from_pretrained(saved)
     assert four_bit_layers(reloaded) == four_bit_layers(model)

@@ -15,6 +15,10 @@ if [[ "${1:-}" == "--test" ]]; then
   rm -rf "$venv"
 fi
 
+# No pip cache: torch's CUDA build and its nvidia-* wheels are several GB, and a cached copy of each beside the
+# installed one has run CI machines out of disk.
+export PIP_NO_CACHE_DIR=1
+
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet "maturin>=1.7,<2"

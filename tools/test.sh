@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+echo "== disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free"
 echo "== cargo fmt / clippy / test"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

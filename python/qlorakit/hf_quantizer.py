@@ -44,7 +44,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from qlorakit import _core, hf_rules
 from qlorakit.errors import CheckpointError, QlorakitError
-from qlorakit.formats import BLOCKSIZES, DEFAULT_BLOCKSIZE, QUANT_TYPES, SAFETENSORS_FLOAT_DTYPES
+from qlorakit.formats import DEFAULT_BLOCKSIZE, SAFETENSORS_FLOAT_DTYPES
 from qlorakit.hf_files import COMPUTE_DTYPES, is_bnb_4bit
 from qlorakit.hf_files import quantization_config as bnb_quantization_config
 from qlorakit.nn.linear4bit import Linear4bit
@@ -89,10 +89,10 @@ class QuantizationConfig(QuantizationConfigMixin):
         bnb_config: dict | None = None,
         **kwargs: Any,
     ) -> None:
-        if quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-        if blocksize not in BLOCKSIZES:
-            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+        # The core is the one validator of the format (a ValueError naming the option).
+        _core.QuantizeOptions(
+            quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, max_shard_bytes=1 << 30
+        )
         self.quant_method = QUANT_METHOD
         self.quant_type = quant_type
         self.blocksize = int(blocksize)
