@@ -18,10 +18,13 @@ os.environ.setdefault("QLORAKIT_CACHE", tempfile.mkdtemp(prefix="qlorakit-test-p
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from helpers.bnb_reference import use_exact_bnb_layers  # noqa: E402
 from helpers.checkpoints import minilm_dir  # noqa: E402
 
 # bitsandbytes logs a warning about an optional 'kernels' package on import; quiet it.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# bitsandbytes' layers compute the same on every CPU (no AVX512-BF16 eval kernel): see use_exact_bnb_layers.
+use_exact_bnb_layers()
 
 
 def gpu_unavailable_reason() -> str | None:

@@ -57,14 +57,11 @@ def four_bit_layers(model: torch.nn.Module) -> list[str]:
 
 
 def compute_in_float32(model: torch.nn.Module) -> torch.nn.Module:
-    """Float32 compute in every 4-bit layer, qlorakit's or bitsandbytes'. bitsandbytes' layers also leave out
-    their CPU eval kernel (AVX512-BF16 machines), which repacks the weight with its scales rounded to bfloat16:
-    both sides then multiply by the same dequantized float32 weights."""
+    """Float32 compute in every 4-bit layer, qlorakit's or bitsandbytes' (which conftest keeps on bitsandbytes'
+    exact path: both sides multiply by the same dequantized float32 weights)."""
     for module in model.modules():
         if type(module).__name__ == "Linear4bit":
             module.compute_dtype = torch.float32
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
     return model
 
 

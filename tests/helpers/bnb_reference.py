@@ -12,6 +12,18 @@ from qlorakit.formats import NESTED_BLOCKSIZE
 from qlorakit.tables import dynamic_map
 
 
+def use_exact_bnb_layers() -> None:
+    """Makes bitsandbytes' ``Linear4bit`` layers built from now on compute as on every CPU: dequantize, then
+    multiply. On a CPU with AVX512-BF16, bitsandbytes otherwise repacks a layer's weight on its first eval()
+    forward and runs a fused kernel with its scales rounded to bfloat16 (another result, bit for bit, than
+    the machine without it; it also asserts on some shapes, e.g. a layer of one output). The tests compare
+    qlorakit with bitsandbytes' reference path on every machine; the fused kernel is measured against in
+    ``tools/bench_gemv.py`` and ``tools/bench_model.py``."""
+    import bitsandbytes.nn.modules as modules
+
+    modules.has_avx512bf16 = lambda: False
+
+
 def bnb_quantize(x: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool):
     """bitsandbytes' CPU ``quantize_4bit`` → (packed uint8 [(n+1)//2, 1], QuantState)."""
     return F.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
