@@ -1,13 +1,26 @@
 //! Blockwise 4-bit dequantization: `out = T(code[nibble] * absmax)`, one float32
 //! product rounded once to the output type — what bitsandbytes' `dequantize_4bit` does.
+//!
+//! [`dequantize_4bit_scaled`] takes the block scales as stored (plain or double-quantized)
+//! and decodes nested ones inline, block by block, bit-identical to decoding them first
+//! ([`crate::dequantize_absmax`]) but without allocating the float32 absmax. Large outputs
+//! get huge pages advised before the parallel write (see [`crate::memory`]): a fresh
+//! tensor's page faults are otherwise most of the cost.
 
 use rayon::prelude::*;
 
+use crate::block_scale::BlockScale;
 use crate::codebook::QuantType;
 use crate::dispatch::multiversion;
 use crate::element::Element;
 use crate::error::{QuantError, Result};
 use crate::layout::{check_len, packed_len, task_blocks, Blocksize};
+use crate::memory::advise_huge_pages;
+use crate::packed::Scales;
+
+/// Outputs at least this large (bytes) get huge pages advised before they are written:
+/// below it no 2 MiB page fits inside reliably, and the syscall is not worth it.
+const ADVISE_HUGE_PAGES_BYTES: usize = 4 << 20;
 
 fn check_buffers(numel: usize, blocksize: Blocksize, packed: &[u8], absmax: &[f32]) -> Result<()> {
     if numel == 0 {
@@ -44,27 +57,71 @@ pub fn dequantize_4bit<T: Element>(
     out: &mut [T],
 ) -> Result<()> {
     check_buffers(out.len(), blocksize, packed, absmax)?;
+    dequantize_checked(
+        packed,
+        BlockScale::Plain(absmax),
+        quant_type,
+        blocksize,
+        out,
+    );
+    Ok(())
+}
+
+/// [`dequantize_4bit`] with the block scales as stored: nested (double-quantized) scales
+/// are decoded inline, bit-identical to [`crate::dequantize_absmax`] followed by
+/// [`dequantize_4bit`].
+pub fn dequantize_4bit_scaled<T: Element>(
+    packed: &[u8],
+    scales: Scales<'_>,
+    quant_type: QuantType,
+    blocksize: Blocksize,
+    out: &mut [T],
+) -> Result<()> {
+    if out.is_empty() {
+        return Err(QuantError::Empty);
+    }
+    check_len("packed input", packed_len(out.len()), packed.len())?;
+    scales.check(blocksize.blocks(out.len()))?;
+    dequantize_checked(packed, BlockScale::new(scales), quant_type, blocksize, out);
+    Ok(())
+}
+
+/// The parallel decode, lengths checked.
+fn dequantize_checked<T: Element>(
+    packed: &[u8],
+    scales: BlockScale<'_>,
+    quant_type: QuantType,
+    blocksize: Blocksize,
+    out: &mut [T],
+) {
+    if std::mem::size_of_val(out) >= ADVISE_HUGE_PAGES_BYTES {
+        advise_huge_pages(out);
+    }
     let values = &quant_type.codebook().values;
     let bs = blocksize.get();
     let blocks_per_task = task_blocks(bs);
     let task_len = blocks_per_task * bs;
     out.par_chunks_mut(task_len)
         .zip(packed.par_chunks(task_len / 2))
-        .zip(absmax.par_chunks(blocks_per_task))
-        .for_each(|((out, packed), absmax)| dequantize_task(packed, absmax, values, bs, out));
-    Ok(())
+        .enumerate()
+        .for_each(|(task, (out, packed))| {
+            let first_block = task * blocks_per_task;
+            dequantize_task(packed, scales, first_block, values, bs, out)
+        });
 }
 
 multiversion! {
     fn dequantize_task<T: Element>(
-        packed: &[u8], absmax: &[f32], values: &[f32; 16], blocksize: usize, out: &mut [T],
+        packed: &[u8], scales: BlockScale<'_>, first_block: usize, values: &[f32; 16],
+        blocksize: usize, out: &mut [T],
     ) -> () => dequantize_task_body
 }
 
 #[inline(always)]
 fn dequantize_task_body<T: Element>(
     packed: &[u8],
-    absmax: &[f32],
+    scales: BlockScale<'_>,
+    first_block: usize,
     values: &[f32; 16],
     blocksize: usize,
     out: &mut [T],
@@ -72,8 +129,9 @@ fn dequantize_task_body<T: Element>(
     let blocks = out
         .chunks_mut(blocksize)
         .zip(packed.chunks(blocksize / 2))
-        .zip(absmax);
-    for ((out, bytes), &scale) in blocks {
+        .enumerate();
+    for (block, (out, bytes)) in blocks {
+        let scale = scales.get(first_block + block);
         // The 16 possible outputs of this block, each rounded once; the loop below is
         // then two table lookups per byte.
         let table: [T; 16] = std::array::from_fn(|q| T::from_f32(values[q] * scale));
