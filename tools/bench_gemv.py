@@ -145,7 +145,9 @@ def bench_layer(out_features: int, in_features: int, args: argparse.Namespace) -
             f"  batch-1 kernel: {1e3 * k1.best:.4f} ms, {gbps(k1):.1f} GB/s of packed bytes = {share:.0%} of copy "
             f"({verdict}); layer fwd {1e3 * layer_fwd.best:.4f} ms"
         )
-    print(f"  {'rows':>4} {'fused ms':>10} {'deq+mm ms':>10} {'bnb eval ms':>12} {'deq+mm/fused':>13} {'bnb/fused':>10}")
+    print(
+        f"  {'rows':>4} {'fused ms':>10} {'deq+mm ms':>10} {'bnb eval ms':>12} {'deq+mm/fused':>13} {'bnb/fused':>10}"
+    )
     for b in xs:
         k, d, e = kernels[b], dense_path[b], bnb_fused[b]
         print(

@@ -5,9 +5,10 @@ take its fused dequantize-and-multiply kernel (:func:`matvec_weight`): the CPU's
 inputs, AVX-512, else portable), or the one the environment variable ``QLORAKIT_CPU_KERNEL`` forces (``portable``,
 ``avx512``, ``avx512bf16``; read once per process; an unknown name or a kernel the CPU lacks raises
 :class:`~qlorakit.errors.QuantizationError` on the first call instead of being ignored). Without AVX-512, and not
-forced, inputs are dequantized and multiplied instead (the portable kernel is slower than that). CUDA: the CuPy kernels of
-``kernels/cuda/`` (:mod:`qlorakit.kernels.cuda_ops`), bit-identical to the CPU for dequantization; without CuPy a
-CUDA weight gets an error naming the extra to install.
+forced, inputs are dequantized and multiplied instead (the portable kernel is slower than that).
+
+CUDA: the CuPy kernels of ``kernels/cuda/`` (:mod:`qlorakit.kernels.cuda_ops`), bit-identical to the CPU for
+dequantization; without CuPy a CUDA weight gets an error naming the extra to install.
 """
 
 from __future__ import annotations
