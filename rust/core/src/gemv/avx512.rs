@@ -197,7 +197,7 @@ unsafe fn row_lanes_for<const LANE_ORDERED: bool, const ROUNDING: u8, const B: u
 /// `may_be_nan`: whether any lane can be NaN (skips the NaN fix-up when not).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(super) fn round_table(table: __m512, rounding: TableRounding, may_be_nan: bool) -> __m512 {
+pub(crate) fn round_table(table: __m512, rounding: TableRounding, may_be_nan: bool) -> __m512 {
     match rounding {
         TableRounding::Float32 => table,
         TableRounding::Bfloat16 => {

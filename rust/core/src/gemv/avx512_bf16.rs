@@ -12,55 +12,64 @@
 use std::arch::x86_64::*;
 
 use super::input::BF16_CHUNK;
-use super::{Lanes, Weight, XRows, GEMV_ACCUMULATORS, GEMV_LANES};
+use super::{Weight, XRows, GEMV_ACCUMULATORS};
 
-/// [`row_lanes_for`] for `lanes.len()` (1 to 4) input rows.
+/// Input rows one call of this kernel carries: every weight chunk is decoded once for
+/// all of them (32 accumulators; LLVM keeps what fits in registers).
+pub(super) const BF16_BATCH: usize = 8;
+
+/// [`row_sums_for`] for `sums.len()` (1 to [`BF16_BATCH`]) input rows.
 ///
 /// # Safety
-/// As [`row_lanes_for`].
-pub(super) unsafe fn row_lanes(
+/// As [`row_sums_for`].
+pub(super) unsafe fn row_sums(
     weight: &Weight<'_>,
     row: usize,
     xs: XRows<'_, u16>,
-    lanes: &mut [Lanes],
+    sums: &mut [f32],
 ) {
     // SAFETY: forwarded.
     unsafe {
-        match lanes.len() {
-            1 => by_rows::<1>(weight, row, xs, lanes),
-            2 => by_rows::<2>(weight, row, xs, lanes),
-            3 => by_rows::<3>(weight, row, xs, lanes),
-            _ => by_rows::<4>(weight, row, xs, lanes),
+        match sums.len() {
+            1 => by_rows::<1>(weight, row, xs, sums),
+            2 => by_rows::<2>(weight, row, xs, sums),
+            3 => by_rows::<3>(weight, row, xs, sums),
+            4 => by_rows::<4>(weight, row, xs, sums),
+            5 => by_rows::<5>(weight, row, xs, sums),
+            6 => by_rows::<6>(weight, row, xs, sums),
+            7 => by_rows::<7>(weight, row, xs, sums),
+            _ => by_rows::<8>(weight, row, xs, sums),
         }
     }
 }
 
 /// # Safety
-/// As [`row_lanes_for`]; `lanes` holds at least `B` rows.
+/// As [`row_sums_for`]; `sums` holds at least `B` rows.
 unsafe fn by_rows<const B: usize>(
     weight: &Weight<'_>,
     row: usize,
     xs: XRows<'_, u16>,
-    lanes: &mut [Lanes],
+    sums: &mut [f32],
 ) {
     let x: [&[u16]; B] = std::array::from_fn(|b| xs.row(b));
     // SAFETY: forwarded.
-    let out = unsafe { row_lanes_for::<B>(weight, row, x) };
-    lanes[..B].copy_from_slice(&out);
+    let out = unsafe { row_sums_for::<B>(weight, row, x) };
+    sums[..B].copy_from_slice(&out);
 }
 
-/// The partial sums of weight row `row` with each of the `B` arranged input rows.
+/// The sums (folded, before the bias) of weight row `row` with each of the `B` arranged
+/// input rows.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL and AVX512-BF16; `weight.cols` must be a multiple
 /// of 64 and the blocksize at least 64; `row < rows`; each x row holds `cols` elements
 /// arranged per chunk (even elements, then odd).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn row_lanes_for<const B: usize>(
+unsafe fn row_sums_for<const B: usize>(
     weight: &Weight<'_>,
     row: usize,
     xs: [&[u16]; B],
-) -> [Lanes; B] {
+) -> [f32; B] {
     let cols = weight.cols;
     let start = row * cols;
     let chunks = cols / BF16_CHUNK;
@@ -118,13 +127,25 @@ unsafe fn row_lanes_for<const B: usize>(
             acc[1] = _mm512_dpbf16_ps(acc[1], odd, x_odd(b, k));
         }
     }
-    acc.map(|acc| {
-        acc.map(|acc| {
-            let mut out = [0.0f32; GEMV_LANES];
-            _mm512_storeu_ps(out.as_mut_ptr(), acc);
-            out
-        })
-    })
+    acc.map(|acc| fold(acc))
+}
+
+/// The canonical fold of [`super::fold`] in registers, bit for bit: accumulators 0 + 1 and
+/// 2 + 3, then those two; then lanes `i` and `i + 8`, `i + 4`, `i + 2`, `i + 1`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl")]
+fn fold([a0, a1, a2, a3]: [__m512; GEMV_ACCUMULATORS]) -> f32 {
+    let sum = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+    let low = _mm512_castps512_ps256(sum);
+    let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(sum)));
+    let eight = _mm256_add_ps(low, high);
+    let four = _mm_add_ps(
+        _mm256_castps256_ps128(eight),
+        _mm256_extractf128_ps::<1>(eight),
+    );
+    let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    let one = _mm_add_ss(two, _mm_shuffle_ps::<0b01>(two, two));
+    _mm_cvtss_f32(one)
 }
 
 /// 32 bf16 lanes of an integer vector.

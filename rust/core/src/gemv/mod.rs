@@ -54,7 +54,7 @@
 //! 2^-126 per addition of the dot products); the rounding to `T` then adds at most
 //! `u_T |value|` plus half of `T`'s smallest subnormal.
 
-mod avx512;
+pub(crate) mod avx512;
 mod avx512_bf16;
 mod input;
 mod kernel;
@@ -81,9 +81,9 @@ pub const GEMV_ACCUMULATORS: usize = 4;
 /// The most input rows one call takes (speculative or batched decoding); more rows are
 /// better served by dequantize + matmul.
 pub const GEMV_MAX_BATCH: usize = 8;
-/// Input rows one kernel call carries (4 accumulators each, 16 registers); a batch of up
-/// to [`GEMV_MAX_BATCH`] runs as two calls per weight row, the second reading the row's
-/// codes from L1.
+/// Input rows one lane-kernel call carries (4 accumulators each, 16 registers); a batch of
+/// up to [`GEMV_MAX_BATCH`] runs as two calls per weight row, the second reading the row's
+/// codes from L1. The BF16 kernel carries all 8 in one call (its fold is in registers).
 const KERNEL_BATCH: usize = 4;
 
 /// A row's partial sums: lane `l` of accumulator `a`.
@@ -252,14 +252,14 @@ struct Weight<'a> {
 /// How a kernel rounds a block's float32 table `code * scale` to the element type; the
 /// AVX-512 kernel knows these three, any other `Element` uses the portable kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TableRounding {
+pub(crate) enum TableRounding {
     Float32,
     Bfloat16,
     Float16,
 }
 
 impl TableRounding {
-    fn of<T: 'static>() -> Option<TableRounding> {
+    pub(crate) fn of<T: 'static>() -> Option<TableRounding> {
         use half::{bf16, f16};
         use std::any::TypeId;
         let id = TypeId::of::<T>();
@@ -286,21 +286,17 @@ impl Weight<'_> {
         match x {
             #[cfg(target_arch = "x86_64")]
             Prepared::Bf16Pairs(x) => {
-                for b0 in (0..batch).step_by(KERNEL_BATCH) {
-                    let n = (batch - b0).min(KERNEL_BATCH);
+                for b0 in (0..batch).step_by(avx512_bf16::BF16_BATCH) {
+                    let n = (batch - b0).min(avx512_bf16::BF16_BATCH);
                     let xs = XRows {
                         x: &x[b0 * self.cols..],
                         stride: self.cols,
                         skip: 0,
                     };
-                    let mut lanes = [[[0.0f32; GEMV_LANES]; GEMV_ACCUMULATORS]; KERNEL_BATCH];
                     // SAFETY: `Bf16Pairs` is only prepared after checking the CPU's
                     // support and the layout (see `Plan::choose`); each of the `n` rows
                     // of `xs` is one arranged row of `cols` elements.
-                    unsafe { avx512_bf16::row_lanes(self, row, xs, &mut lanes[..n]) };
-                    for (sum, lanes) in sums[b0..b0 + n].iter_mut().zip(lanes) {
-                        *sum = fold(lanes);
-                    }
+                    unsafe { avx512_bf16::row_sums(self, row, xs, &mut sums[b0..b0 + n]) };
                 }
             }
             Prepared::Float32 { x, kernel } => {

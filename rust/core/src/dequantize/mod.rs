@@ -3,9 +3,15 @@
 //!
 //! [`dequantize_4bit_scaled`] takes the block scales as stored (plain or double-quantized)
 //! and decodes nested ones inline, block by block, bit-identical to decoding them first
-//! ([`crate::dequantize_absmax`]) but without allocating the float32 absmax. Large outputs
+//! ([`crate::dequantize_absmax`]) but without allocating the float32 absmax. On CPUs with
+//! AVX-512 F/BW/VL, whole blocks of at least 32 (float32) or 64 (16-bit) elements are
+//! decoded by `avx512` (table lookups by `vpermps`/`vpermw`, bit-identical to the portable
+//! loop, which takes the rest; `QLORAKIT_CPU_KERNEL=portable` forces the loop). Large outputs
 //! get huge pages advised before the parallel write (see [`crate::memory`]): a fresh
 //! tensor's page faults are otherwise most of the cost.
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 use rayon::prelude::*;
 
@@ -14,6 +20,7 @@ use crate::codebook::QuantType;
 use crate::dispatch::multiversion;
 use crate::element::Element;
 use crate::error::{QuantError, Result};
+use crate::gemv::GemvKernel;
 use crate::layout::{check_len, packed_len, task_blocks, Blocksize};
 use crate::memory::advise_huge_pages;
 use crate::packed::Scales;
@@ -101,13 +108,57 @@ fn dequantize_checked<T: Element>(
     let bs = blocksize.get();
     let blocks_per_task = task_blocks(bs);
     let task_len = blocks_per_task * bs;
+    let simd = use_avx512();
     out.par_chunks_mut(task_len)
         .zip(packed.par_chunks(task_len / 2))
         .enumerate()
         .for_each(|(task, (out, packed))| {
             let first_block = task * blocks_per_task;
-            dequantize_task(packed, scales, first_block, values, bs, out)
+            // The AVX-512 kernel takes the whole blocks it can; the loop below the rest.
+            let done = if simd {
+                simd_blocks(packed, scales, first_block, values, bs, out)
+            } else {
+                0
+            };
+            let (packed, out) = (&packed[done / 2..], &mut out[done..]);
+            dequantize_task(packed, scales, first_block + done / bs, values, bs, out)
         });
+}
+
+/// Whether the AVX-512 kernel runs: the CPU has it and `QLORAKIT_CPU_KERNEL` does not
+/// force `portable` (an invalid value is reported by gemv; here it leaves the default).
+fn use_avx512() -> bool {
+    GemvKernel::Avx512.is_supported() && GemvKernel::selected() != Ok(GemvKernel::Portable)
+}
+
+/// The AVX-512 kernel on the task's whole blocks, for the element types it knows; returns
+/// the elements written (a multiple of the blocksize; 0 where it does not apply).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn simd_blocks<T: Element>(
+    packed: &[u8],
+    scales: BlockScale<'_>,
+    first_block: usize,
+    values: &[f32; 16],
+    blocksize: usize,
+    out: &mut [T],
+) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(rounding) = crate::gemv::TableRounding::of::<T>() {
+        // SAFETY: `use_avx512` checked the CPU; `rounding` is T's; the task's bytes and
+        // scales cover its elements (checked by the callers).
+        return unsafe {
+            avx512::dequantize_blocks(
+                rounding,
+                packed,
+                scales,
+                first_block,
+                values,
+                blocksize,
+                out,
+            )
+        };
+    }
+    0
 }
 
 multiversion! {
