@@ -13,6 +13,7 @@ import torch
 import qlorakit
 from helpers.checkpoints import minilm_dir, save_tiny_llama
 from helpers.processes import run_cli
+from qlorakit import _core
 from qlorakit.nn import Linear4bit
 
 
@@ -73,7 +74,9 @@ def test_equals_bitsandbytes_linear4bit_on_the_same_packed_data(compute_dtype: t
     reference.weight = weight
     reference.bias = torch.nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
     reference.train()  # bitsandbytes' dequantize + matmul path (eval on some CPUs repacks the weight)
-    assert_same_forward_and_backward(layer, reference, torch.randn(5, 192, dtype=compute_dtype, requires_grad=True))
+    # More rows than the fused small-batch kernel takes (it sums in another order): the dequantize + matmul path.
+    rows = _core.GEMV_MAX_BATCH + 1
+    assert_same_forward_and_backward(layer, reference, torch.randn(rows, 192, dtype=compute_dtype, requires_grad=True))
 
 
 def test_cuda_weights_get_a_clear_error() -> None:
@@ -185,7 +188,7 @@ class TestCpuFusedMatvec:
         from qlorakit.nn.dispatch import matvec_weight
 
         packed = make_layer(8, 64, False, torch.float32).packed_weight()
-        assert matvec_weight(packed, torch.randn(2, 64)) is None  # several rows
+        assert matvec_weight(packed, torch.randn(_core.GEMV_MAX_BATCH + 1, 64)) is None  # more rows than a batch
         assert matvec_weight(packed, torch.randn(1, 64, dtype=torch.float64)) is None  # no kernel for float64
         assert matvec_weight(packed, torch.randn(1, 32)) is None  # not one row of in_features
 

@@ -13,6 +13,9 @@ QUANT_STATE_MARKER: str
 BLOCKSIZES: list[int]
 DEFAULT_BLOCKSIZE: int
 GEMV_SIMD: bool
+GEMV_MAX_BATCH: int
+CPU_KERNEL_ENV: str
+CPU_KERNELS_SUPPORTED: list[str]
 NESTED_BLOCKSIZE: int
 ELEMENT_DTYPES: list[str]
 
@@ -61,8 +64,19 @@ def quantize_4bit_gptq(
     (``hessian_dtype`` float32 or float64); outputs as for ``quantize_4bit_searched`` (the
     report's ``offset`` is that of the nested scales)."""
 
-def dequantize_4bit(packed: Any, absmax: Any, quant_type: str, blocksize: int, out: Any, dtype: str) -> None:
-    """Dequantize ``packed`` with float32 ``absmax`` into ``out`` (bytes of ``dtype`` elements)."""
+def dequantize_4bit(
+    packed: Any,
+    absmax: Any,
+    quant_type: str,
+    blocksize: int,
+    out: Any,
+    dtype: str,
+    nested: Any = None,
+    offset: float = 0.0,
+) -> None:
+    """Dequantize ``packed`` into ``out`` (bytes of ``dtype`` elements). Scales: float32 ``absmax``, or with
+    ``nested`` the uint8 nested codes in ``absmax``, their float32 scales in ``nested`` and ``offset``, decoded
+    inline (bit-identical to ``dequantize_absmax`` first, no allocation)."""
 
 def gemv_4bit(
     packed: Any,
@@ -75,11 +89,19 @@ def gemv_4bit(
     dtype: str,
     out: Any,
     bias: Any = None,
+    nested: Any = None,
+    offset: float = 0.0,
 ) -> None:
-    """``out = W x (+ bias)`` for the 4-bit weight ``[rows, cols]`` (``packed`` uint8, float32
-    ``absmax``) and one input row ``x`` (``cols`` elements), without materializing W. ``x``,
-    ``bias`` (``rows``, or None) and ``out`` (``rows``) hold ``dtype`` elements; each weight
-    element is decoded as ``dequantize_4bit`` decodes it, sums accumulate in float32."""
+    """``out = x W^T (+ bias)`` for the 4-bit weight ``[rows, cols]`` (``packed`` uint8; scales as for
+    ``dequantize_4bit``) and ``x`` holding 1 to ``GEMV_MAX_BATCH`` rows of ``cols``, without materializing W. ``x``,
+    ``bias`` (``rows``, or None) and ``out`` (``batch * rows``) hold ``dtype`` elements; each weight element is
+    decoded as ``dequantize_4bit`` decodes it, sums accumulate in float32 in the order of the kernel
+    :func:`cpu_kernel` names."""
+
+def cpu_kernel() -> str:
+    """The CPU kernel ``gemv_4bit`` runs: ``QLORAKIT_CPU_KERNEL`` if set (``portable``, ``avx512``,
+    ``avx512bf16``), else the CPU's best; raises :class:`QuantizationError` for an unknown name or a kernel the CPU
+    lacks."""
 
 def double_quantize(absmax: Any, codes: Any, scales: Any) -> float:
     """Compress float32 ``absmax`` to uint8 ``codes`` and float32 ``scales`` (one per 256); return the offset."""

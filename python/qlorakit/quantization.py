@@ -146,6 +146,19 @@ def decode_absmax(packed: PackedWeight) -> torch.Tensor:
     return out
 
 
+def core_scale_args(packed: PackedWeight) -> tuple[memoryview, memoryview | None, float]:
+    """The block scales as the Rust core's ``dequantize_4bit`` / ``gemv_4bit`` take them: ``(absmax, nested,
+    offset)``. Double-quantized scales go in as stored (uint8 codes, float32 nested scales, the offset) and are
+    decoded inline by the core, block by block, bit-identical to :func:`decode_absmax` but without allocating
+    the float32 absmax; plain scales, and nested ones recorded in a low-precision ``nested_dtype`` (decoded here
+    as bitsandbytes does), go in as float32 absmax with ``nested`` None."""
+    if packed.nested_absmax is None or packed.nested_dtype != torch.float32:
+        return byte_view(decode_absmax(packed), "absmax"), None, 0.0
+    codes = byte_view(packed.absmax.contiguous(), "nested codes")
+    nested = byte_view(packed.nested_absmax.float().contiguous(), "nested scales")
+    return codes, nested, float(packed.offset)  # type: ignore[arg-type]
+
+
 def decode_absmax_low_precision(packed: PackedWeight) -> torch.Tensor:
     """Scales of a file that records a non-float32 ``nested_dtype`` (bitsandbytes writes
     ``"bfloat16"`` after a CPU inference pass): bitsandbytes decodes the nested level to
@@ -187,14 +200,16 @@ def dequantize(
             f"out: expected shape {list(packed.shape)} and dtype {dtype}, got {list(out.shape)} {out.dtype}"
         )
     dtype_name = element_dtype_name(out, "out")
-    absmax = decode_absmax(packed)
+    absmax, nested, offset = core_scale_args(packed)
     _core.dequantize_4bit(
         byte_view(packed.codes.contiguous(), "packed"),
-        byte_view(absmax, "absmax"),
+        absmax,
         packed.quant_type,
         packed.blocksize,
         byte_view(out, "out"),
         dtype_name,
+        nested,
+        offset,
     )
     return out
 

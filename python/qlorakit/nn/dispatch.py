@@ -1,12 +1,20 @@
 """Device dispatch for the 4-bit operations — the one place that looks at the device.
 
-CPU: the multithreaded Rust core writes straight into the torch buffer. CUDA: the CuPy kernels of
-``kernels/cuda/`` (:mod:`qlorakit.kernels.cuda_ops`), bit-identical to the CPU for dequantization; without CuPy a
-CUDA weight gets an error naming the extra to install.
+CPU: the multithreaded Rust core writes straight into the torch buffer. Inputs of 1 to ``_core.GEMV_MAX_BATCH`` rows
+take its fused dequantize-and-multiply kernel (:func:`matvec_weight`): the CPU's best (AVX512-BF16 for bfloat16
+inputs, AVX-512, else portable), or the one the environment variable ``QLORAKIT_CPU_KERNEL`` forces (``portable``,
+``avx512``, ``avx512bf16``; read once per process; an unknown name or a kernel the CPU lacks raises
+:class:`~qlorakit.errors.QuantizationError` on the first call instead of being ignored). Without AVX-512, and not
+forced, inputs are dequantized and multiplied instead (the portable kernel is slower than that).
+
+CUDA: the CuPy kernels of ``kernels/cuda/`` (:mod:`qlorakit.kernels.cuda_ops`), bit-identical to the CPU for
+dequantization; without CuPy a CUDA weight gets an error naming the extra to install.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 
 import torch
@@ -15,7 +23,7 @@ from qlorakit import _core
 from qlorakit._native import byte_view, element_dtype_name
 from qlorakit.errors import QlorakitError
 from qlorakit.packed import PackedWeight
-from qlorakit.quantization import decode_absmax, dequantize
+from qlorakit.quantization import core_scale_args, dequantize
 from qlorakit.tables import ELEMENT_DTYPES
 
 _CORE_DTYPES = tuple(ELEMENT_DTYPES.values())
@@ -67,25 +75,35 @@ def dequantize_weight(packed: PackedWeight, dtype: torch.dtype, reuse: bool = Fa
     raise QlorakitError(f"no 4-bit dequantization for device {device}")
 
 
+@functools.cache
+def _cpu_gemv_routed() -> bool:
+    """Whether CPU inputs of a few rows go to the fused kernel: with a SIMD kernel, or any forced one (tests). Raises
+    ``QuantizationError`` (not cached, so on every call) if ``QLORAKIT_CPU_KERNEL`` is invalid."""
+    kernel = _core.cpu_kernel()
+    return kernel != "portable" or bool(os.environ.get(_core.CPU_KERNEL_ENV, "").strip())
+
+
 def matvec_weight(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``x W^T + b`` for an input holding a single row, by a fused dequantize-and-multiply kernel (batch-1
-    decoding: the 4-bit codes are read once, no dequantized weight is written), shaped ``[..., out_features]``
-    like ``F.linear``; ``None`` where there is none (several rows, other dtypes) and the caller dequantizes
-    and multiplies. CPU: the Rust core's ``gemv_4bit``; CUDA: the CuPy kernel. Both decode each weight element
-    as dequantization does and sum in float32, so the result is dequantize-then-``F.linear`` up to the
-    summation order."""
-    if packed.codes.device != x.device or len(packed.shape) != 2:
+    """``x W^T + b`` for an input of a few rows (decoding: a single row, or 2 to ``_core.GEMV_MAX_BATCH`` rows of
+    speculative or batched decoding; CUDA: a single row) by a fused dequantize-and-multiply kernel (the 4-bit codes
+    are read once, each group of weights decoded once for every row, no dequantized weight is written), shaped
+    ``[..., out_features]`` like ``F.linear``; ``None`` where there is none (more rows, other dtypes) and the caller
+    dequantizes and multiplies. CPU: the Rust core's ``gemv_4bit``; CUDA: the CuPy kernel. Both decode each weight
+    element as dequantization does and sum in float32, so the result is dequantize-then-``F.linear`` up to the
+    summation order (each row's result is the same whatever the other rows, the batch size or the thread count)."""
+    if packed.codes.device != x.device or len(packed.shape) != 2 or x.dim() == 0:
         return None
-    if x.numel() != packed.shape[1] or x.dim() == 0:
+    in_features = packed.shape[1]
+    if x.shape[-1] != in_features:
         return None
+    rows = x.numel() // in_features
     if x.device.type == "cpu":
-        # Without AVX-512 the fused kernel is the portable one, slower than dequantize + matmul.
-        if x.dtype not in _CORE_DTYPES or not _core.GEMV_SIMD:
+        if not 1 <= rows <= _core.GEMV_MAX_BATCH or x.dtype not in _CORE_DTYPES or not _cpu_gemv_routed():
             return None
         out = _gemv_cpu(packed, x, bias)
     elif x.device.type == "cuda":
         cuda_ops = _cuda_ops()
-        if x.dtype not in cuda_ops.KERNEL_DTYPES:
+        if rows != 1 or x.dtype not in cuda_ops.KERNEL_DTYPES:
             return None
         out = cuda_ops.gemv_4bit(packed, x, bias)
     else:
@@ -94,25 +112,29 @@ def matvec_weight(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | No
 
 
 def _gemv_cpu(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``W x (+ bias)`` as ``[out_features]`` in ``x.dtype`` by the Rust core (multithreaded, GIL released).
+    """``x W^T (+ bias)`` as ``[rows, out_features]`` in ``x.dtype`` for ``x`` holding 1 to ``_core.GEMV_MAX_BATCH``
+    rows, by the Rust core (multithreaded for large weights, GIL released).
 
-    The double-quantized scales are decoded on every call rather than cached: it reads one byte per block
-    (1/32 of the packed codes at blocksize 64) and keeps the layer's memory at its packed size."""
-    rows, cols = packed.shape
-    x = x.reshape(-1).contiguous()
+    Double-quantized scales go in as stored and are decoded inline, per block, by the kernel: no per-call
+    allocation beyond the output, and the layer's memory stays at its packed size."""
+    out_features, in_features = packed.shape
+    x = x.reshape(-1, in_features).contiguous()
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
-    out = torch.empty(rows, dtype=x.dtype)
+    out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
+    absmax, nested, offset = core_scale_args(packed)
     _core.gemv_4bit(
         byte_view(packed.codes.contiguous(), "packed"),
-        byte_view(decode_absmax(packed), "absmax"),
+        absmax,
         packed.quant_type,
         packed.blocksize,
-        rows,
-        cols,
+        out_features,
+        in_features,
         byte_view(x, "x"),
         element_dtype_name(x, "x"),
         byte_view(out, "out"),
         byte_view(bias, "bias") if bias is not None else None,
+        nested,
+        offset,
     )
     return out

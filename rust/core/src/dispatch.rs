@@ -12,6 +12,12 @@ pub(crate) fn has_avx512() -> bool {
         && std::arch::is_x86_feature_detected!("avx512vl")
 }
 
+/// Whether the running CPU also has AVX512-BF16 (`vdpbf16ps`, `vcvtneps2bf16`).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512_bf16() -> bool {
+    has_avx512() && std::arch::is_x86_feature_detected!("avx512bf16")
+}
+
 /// Defines `$name(args) -> ret` that calls `$body_fn(args)` compiled for the best
 /// available x86-64 feature level. `$body_fn` must be `#[inline(always)]`.
 macro_rules! multiversion {

@@ -42,6 +42,19 @@ pub enum QuantError {
     #[error("expected a 2-D [rows, cols] weight, got shape {0:?}")]
     NotAMatrix(Vec<usize>),
 
+    /// A gemv input holding more rows than the fused kernel takes (the caller dequantizes
+    /// and multiplies instead).
+    #[error("gemv takes 1 to {max} input rows, got {rows}")]
+    GemvBatch { rows: usize, max: usize },
+
+    /// `QLORAKIT_CPU_KERNEL` set to a name that is no CPU kernel.
+    #[error("QLORAKIT_CPU_KERNEL={0:?} is not a CPU kernel; expected one of portable, avx512, avx512bf16 (or unset it)")]
+    UnknownCpuKernel(String),
+
+    /// `QLORAKIT_CPU_KERNEL` names a kernel the running CPU cannot execute.
+    #[error("QLORAKIT_CPU_KERNEL={0} but this CPU lacks the instructions it needs ({1})")]
+    UnsupportedCpuKernel(&'static str, &'static str),
+
     /// An input or output buffer whose length does not match what the operation needs.
     #[error("{what} has {actual} elements, expected {expected}")]
     LengthMismatch {

@@ -7,8 +7,10 @@
 //! [`Scales`], format, shape): what [`gemv_4bit`], the checkpoint writer and
 //! [`PackedView::dequantize_into`] take; [`PackedTensor`] is its owned counterpart.
 
+mod block_scale;
 pub mod checkpoint;
 mod dispatch;
+mod memory;
 
 pub mod codebook;
 pub mod dequantize;
@@ -26,13 +28,13 @@ pub mod quantize;
 pub mod scale_search;
 
 pub use codebook::{Codebook, QuantType, FP4, FP4_CODE_BITS, NF4, NF4_CODE_BITS};
-pub use dequantize::{dequantize_4bit, dequantize_4bit_reference};
+pub use dequantize::{dequantize_4bit, dequantize_4bit_reference, dequantize_4bit_scaled};
 pub use double_quant::{dequantize_absmax, double_quantize};
 pub use dynamic_map::{dynamic_map, DYNAMIC_MAP_BITS};
 pub use element::Element;
 pub use encode::Encoder;
 pub use error::{QuantError, Result};
-pub use gemv::{gemv_4bit, gemv_4bit_with, GemvKernel};
+pub use gemv::{gemv_4bit, gemv_4bit_with, GemvKernel, CPU_KERNEL_ENV, GEMV_MAX_BATCH};
 pub use layout::{Blocksize, BLOCKSIZES, DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE};
 pub use packed::{Absmax, BlockScales, PackedTensor, PackedView, Scales, ScalesMut};
 pub use quantize::{quantize_4bit, quantize_4bit_reference, quantize_4bit_with};

@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 
 use crate::codebook::QuantType;
-use crate::dequantize::dequantize_4bit;
+use crate::dequantize::dequantize_4bit_scaled;
 use crate::double_quant::{dequantize_absmax, double_quantize};
 use crate::element::Element;
 use crate::error::{QuantError, Result};
@@ -266,10 +266,16 @@ impl<'a> PackedView<'a> {
         }
     }
 
-    /// Dequantizes into `out` (length `numel`), as [`dequantize_4bit`] does.
+    /// Dequantizes into `out` (length `numel`), as [`crate::dequantize_4bit`] does; nested
+    /// scales are decoded inline ([`dequantize_4bit_scaled`]).
     pub fn dequantize_into<T: Element>(&self, out: &mut [T]) -> Result<()> {
-        let absmax = self.scales.decoded()?;
-        dequantize_4bit(self.codes, &absmax, self.quant_type, self.blocksize, out)
+        dequantize_4bit_scaled(
+            self.codes,
+            self.scales,
+            self.quant_type,
+            self.blocksize,
+            out,
+        )
     }
 }
 
@@ -331,8 +337,8 @@ impl PackedTensor {
 
     /// Dequantizes into `out` (length `numel`).
     pub fn dequantize_into<T: Element>(&self, out: &mut [T]) -> Result<()> {
-        let absmax = self.absmax.view().decoded()?;
-        dequantize_4bit(&self.packed, &absmax, self.quant_type, self.blocksize, out)
+        let scales = self.absmax.view();
+        dequantize_4bit_scaled(&self.packed, scales, self.quant_type, self.blocksize, out)
     }
 
     /// Dequantizes into a new vector.

@@ -244,9 +244,29 @@ fn quantize_4bit_searched(
     Ok(SearchReport::new(&report, scales.offset()))
 }
 
-/// Dequantize `packed` with float32 `absmax` into `out` (bytes of `dtype` elements).
+/// Views the block scales of a call: `absmax` float32, or (with `nested`) uint8 nested
+/// codes, `nested` their float32 scales and `offset` the offset of double quantization.
+fn scales_view<'a>(
+    absmax: &'a PyBuffer<u8>,
+    nested: Option<&'a PyBuffer<u8>>,
+    offset: f32,
+) -> PyResult<core::Scales<'a>> {
+    Ok(match nested {
+        Some(nested) => core::Scales::Nested {
+            codes: view::<u8>(absmax, "nested codes")?,
+            scales: view::<f32>(nested, "nested scales")?,
+            offset,
+        },
+        None => core::Scales::Plain(view::<f32>(absmax, "absmax")?),
+    })
+}
+
+/// Dequantize `packed` into `out` (bytes of `dtype` elements). Scales: float32 `absmax`, or
+/// with `nested` the uint8 nested codes in `absmax`, their float32 scales in `nested` and
+/// the `offset`, decoded inline (bit-identical to `dequantize_absmax` first).
 #[pyfunction]
-#[pyo3(signature = (packed, absmax, quant_type, blocksize, out, dtype))]
+#[pyo3(signature = (packed, absmax, quant_type, blocksize, out, dtype, nested=None, offset=0.0))]
+#[allow(clippy::too_many_arguments)]
 fn dequantize_4bit(
     py: Python<'_>,
     packed: PyBuffer<u8>,
@@ -255,22 +275,28 @@ fn dequantize_4bit(
     blocksize: i64,
     mut out: PyBuffer<u8>,
     dtype: &str,
+    nested: Option<PyBuffer<u8>>,
+    offset: f32,
 ) -> PyResult<()> {
     let quant_type = parse_quant_type(quant_type)?;
     let blocksize = parse_blocksize(blocksize)?;
-    ensure_disjoint(&out, &[&packed, &absmax])?;
+    let mut inputs = vec![&packed, &absmax];
+    inputs.extend(nested.as_ref());
+    ensure_disjoint(&out, &inputs)?;
     let packed = view::<u8>(&packed, "packed")?;
-    let absmax = view::<f32>(&absmax, "absmax")?;
+    let scales = scales_view(&absmax, nested.as_ref(), offset)?;
     with_dtype!(py, dtype, view_mut(&mut out, "out"), |values| {
-        core::dequantize_4bit(packed, absmax, quant_type, blocksize, values)
+        core::dequantize_4bit_scaled(packed, scales, quant_type, blocksize, values)
     })
     .map_err(to_py_err)
 }
 
-/// `out = W x (+ bias)` for the 4-bit weight `[rows, cols]` (`packed`, float32 `absmax`)
-/// and one input row `x`, without materializing W; `x`, `bias` and `out` hold `dtype`.
+/// `out = x W^T (+ bias)` for the 4-bit weight `[rows, cols]` and `x` holding 1 to
+/// `GEMV_MAX_BATCH` rows of `cols`, without materializing W; `x`, `bias` (`rows`) and `out`
+/// (`batch * rows`) hold `dtype`. Scales as for `dequantize_4bit` (nested ones decoded
+/// inline, no allocation).
 #[pyfunction]
-#[pyo3(signature = (packed, absmax, quant_type, blocksize, rows, cols, x, dtype, out, bias=None))]
+#[pyo3(signature = (packed, absmax, quant_type, blocksize, rows, cols, x, dtype, out, bias=None, nested=None, offset=0.0))]
 #[allow(clippy::too_many_arguments)]
 fn gemv_4bit(
     py: Python<'_>,
@@ -284,20 +310,24 @@ fn gemv_4bit(
     dtype: &str,
     mut out: PyBuffer<u8>,
     bias: Option<PyBuffer<u8>>,
+    nested: Option<PyBuffer<u8>>,
+    offset: f32,
 ) -> PyResult<()> {
     let quant_type = parse_quant_type(quant_type)?;
     let blocksize = parse_blocksize(blocksize)?;
     let mut inputs = vec![&packed, &absmax, &x];
     inputs.extend(bias.as_ref());
+    inputs.extend(nested.as_ref());
     ensure_disjoint(&out, &inputs)?;
     let packed = view::<u8>(&packed, "packed")?;
-    let absmax = view::<f32>(&absmax, "absmax")?;
+    let scales = scales_view(&absmax, nested.as_ref(), offset)?;
     // Three buffers share the element type, so the dispatch is a generic function rather
     // than `with_dtype!` (which types one).
+    #[allow(clippy::too_many_arguments)]
     fn typed<T: Element>(
         py: Python<'_>,
         packed: &[u8],
-        absmax: &[f32],
+        scales: core::Scales<'_>,
         quant_type: QuantType,
         blocksize: Blocksize,
         (rows, cols): (usize, usize),
@@ -310,13 +340,7 @@ fn gemv_4bit(
         let out = view_mut::<T>(out, "out")?;
         let shape = [rows, cols];
         py.detach(|| {
-            let weight = core::PackedView::new(
-                packed,
-                core::Scales::Plain(absmax),
-                quant_type,
-                blocksize,
-                &shape,
-            )?;
+            let weight = core::PackedView::new(packed, scales, quant_type, blocksize, &shape)?;
             core::gemv_4bit(&weight, x, bias, out)
         })
         .map_err(to_py_err)
@@ -325,18 +349,28 @@ fn gemv_4bit(
     let bias = bias.as_ref();
     match dtype {
         "float32" => typed::<f32>(
-            py, packed, absmax, quant_type, blocksize, shape, &x, bias, &mut out,
+            py, packed, scales, quant_type, blocksize, shape, &x, bias, &mut out,
         ),
         "bfloat16" => typed::<bf16>(
-            py, packed, absmax, quant_type, blocksize, shape, &x, bias, &mut out,
+            py, packed, scales, quant_type, blocksize, shape, &x, bias, &mut out,
         ),
         "float16" => typed::<f16>(
-            py, packed, absmax, quant_type, blocksize, shape, &x, bias, &mut out,
+            py, packed, scales, quant_type, blocksize, shape, &x, bias, &mut out,
         ),
         other => Err(QuantizationError::new_err(format!(
             "unsupported dtype {other:?}; expected float32, bfloat16 or float16"
         ))),
     }
+}
+
+/// The CPU kernel `gemv_4bit` runs (`portable`, `avx512` or `avx512bf16`): the one
+/// `QLORAKIT_CPU_KERNEL` forces, else the CPU's best. `QuantizationError` if the variable
+/// names no kernel, or one this CPU lacks.
+#[pyfunction]
+fn cpu_kernel() -> PyResult<&'static str> {
+    core::GemvKernel::selected()
+        .map(core::GemvKernel::name)
+        .map_err(to_py_err)
 }
 
 /// Double-quantize float32 `absmax` into `codes` (uint8) and `scales` (float32); returns the offset.
@@ -426,6 +460,16 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "GEMV_SIMD",
         core::gemv::GemvKernel::best() != core::gemv::GemvKernel::Portable,
     )?;
+    m.add("GEMV_MAX_BATCH", core::GEMV_MAX_BATCH)?;
+    m.add("CPU_KERNEL_ENV", core::CPU_KERNEL_ENV)?;
+    m.add(
+        "CPU_KERNELS_SUPPORTED",
+        core::GemvKernel::ALL
+            .into_iter()
+            .filter(|kernel| kernel.is_supported())
+            .map(core::GemvKernel::name)
+            .collect::<Vec<_>>(),
+    )?;
     m.add("NESTED_BLOCKSIZE", core::NESTED_BLOCKSIZE)?;
     m.add(
         "ELEMENT_DTYPES",
@@ -435,6 +479,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(gemv_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_4bit_searched, m)?)?;
     m.add_function(wrap_pyfunction!(gptq::quantize_4bit_gptq, m)?)?;
     m.add_function(wrap_pyfunction!(double_quantize, m)?)?;

@@ -1,0 +1,162 @@
+//! The input rows as each kernel reads them, prepared once per call in a reused
+//! per-thread buffer (no allocation once it has grown to the largest input seen).
+
+use std::cell::Cell;
+use std::thread::LocalKey;
+
+use super::kernel::GemvKernel;
+use super::{TableRounding, GEMV_LANES, LANE_ELEMENT};
+use crate::element::Element;
+
+/// The lane-order kernels (one summation order, bit-identical results).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LaneKernel {
+    Portable,
+    /// With x in group lane order ([`to_lane_order`]) or as given.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx512 {
+        rounding: TableRounding,
+        lane_ordered: bool,
+    },
+}
+
+/// What a call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Plan {
+    Lanes(LaneKernel),
+    /// The AVX512-BF16 kernel: x as bf16, per chunk of 64 the even elements then the odd.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Bf16Pairs,
+}
+
+/// Elements per chunk of the BF16 kernel (32 packed bytes).
+pub(super) const BF16_CHUNK: usize = 64;
+
+impl Plan {
+    /// The plan for `kernel` on this CPU, element type and layout: the BF16 kernel needs
+    /// bfloat16 input, blocks of at least a chunk and rows of whole chunks; the AVX-512
+    /// lane kernel an element type it has table rounding for; else portable.
+    pub(super) fn choose<T: Element>(kernel: GemvKernel, block_shift: u32, cols: usize) -> Plan {
+        let bf16_input = T::NAME == half::bf16::NAME;
+        let chunked = (1usize << block_shift) >= BF16_CHUNK && cols.is_multiple_of(BF16_CHUNK);
+        if kernel == GemvKernel::Avx512Bf16 && kernel.is_supported() && bf16_input && chunked {
+            return Plan::Bf16Pairs;
+        }
+        let wide = matches!(kernel, GemvKernel::Avx512 | GemvKernel::Avx512Bf16);
+        match TableRounding::of::<T>() {
+            Some(rounding) if wide && GemvKernel::Avx512.is_supported() => {
+                // With whole groups of 16 per row, every group of every row starts at a
+                // column that is a multiple of 16: x can be put in lane order once
+                // instead of permuted in the inner loop for every weight row.
+                let lane_ordered = cols.is_multiple_of(GEMV_LANES);
+                Plan::Lanes(LaneKernel::Avx512 {
+                    rounding,
+                    lane_ordered,
+                })
+            }
+            _ => Plan::Lanes(LaneKernel::Portable),
+        }
+    }
+}
+
+/// `x` as the plan's kernel reads it.
+#[derive(Clone, Copy)]
+pub(super) enum Prepared<'a> {
+    Float32 {
+        x: &'a [f32],
+        kernel: LaneKernel,
+    },
+    #[cfg(target_arch = "x86_64")]
+    Bf16Pairs(&'a [u16]),
+}
+
+thread_local! {
+    static FLOATS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    static HALVES: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on a `len`-element buffer of this thread's scratch. The buffer is taken out of
+/// its slot while `f` runs (a nested call on the same thread, as a rayon worker may make,
+/// finds the slot empty and allocates its own) and put back after.
+fn with_scratch<E: Copy + Default + 'static, R>(
+    slot: &'static LocalKey<Cell<Vec<E>>>,
+    len: usize,
+    f: impl FnOnce(&mut [E]) -> R,
+) -> R {
+    let mut buffer = slot.take();
+    buffer.clear();
+    buffer.resize(len, E::default());
+    let result = f(&mut buffer);
+    slot.set(buffer);
+    result
+}
+
+/// Runs `f` with `x` (whole rows of `cols`, the plan's layout conditions holding)
+/// prepared for `plan`.
+pub(super) fn with_prepared<T: Element, R>(
+    plan: Plan,
+    x: &[T],
+    f: impl FnOnce(Prepared<'_>) -> R,
+) -> R {
+    match plan {
+        #[cfg(target_arch = "x86_64")]
+        Plan::Bf16Pairs => with_scratch(&HALVES, x.len(), |pairs| {
+            to_bf16_pairs(x, pairs);
+            f(Prepared::Bf16Pairs(pairs))
+        }),
+        #[cfg(not(target_arch = "x86_64"))]
+        Plan::Bf16Pairs => unreachable!("the BF16 kernel is only planned on x86-64"),
+        Plan::Lanes(kernel) => {
+            let lane_ordered = matches!(
+                kernel,
+                LaneKernel::Avx512 {
+                    lane_ordered: true,
+                    ..
+                }
+            );
+            let is_f32 = T::NAME == f32::NAME;
+            if is_f32 && !lane_ordered {
+                // `widen` borrows float32 input as it is.
+                let x = T::widen(x, &mut []);
+                return f(Prepared::Float32 { x, kernel });
+            }
+            with_scratch(&FLOATS, x.len(), |wide| {
+                for (wide, value) in wide.iter_mut().zip(x) {
+                    *wide = value.to_f32();
+                }
+                if lane_ordered {
+                    to_lane_order(wide);
+                }
+                f(Prepared::Float32 { x: wide, kernel })
+            })
+        }
+    }
+}
+
+/// Rearranges each group of 16 (`x.len()` is a multiple of 16) into lane order:
+/// `x[16 g + lane] = old x[16 g + LANE_ELEMENT[lane]]`.
+fn to_lane_order(x: &mut [f32]) {
+    for group in x.chunks_exact_mut(GEMV_LANES) {
+        let old: [f32; GEMV_LANES] = std::array::from_fn(|i| group[i]);
+        for (value, &element) in group.iter_mut().zip(&LANE_ELEMENT) {
+            *value = old[element];
+        }
+    }
+}
+
+/// bfloat16 `x` (whole chunks of 64) as bit patterns, each chunk's 32 even elements then
+/// its 32 odd ones: the order the BF16 kernel's weight lookups produce.
+#[cfg(target_arch = "x86_64")]
+fn to_bf16_pairs<T: Element>(x: &[T], out: &mut [u16]) {
+    let bits = |v: T| (v.to_f32().to_bits() >> 16) as u16; // exact for bfloat16
+    for (chunk, out) in x
+        .chunks_exact(BF16_CHUNK)
+        .zip(out.chunks_exact_mut(BF16_CHUNK))
+    {
+        let (even, odd) = out.split_at_mut(BF16_CHUNK / 2);
+        for ((pair, e), o) in chunk.chunks_exact(2).zip(even).zip(odd) {
+            *e = bits(pair[0]);
+            *o = bits(pair[1]);
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! Small-batch (decode-time) fused dequantize-and-multiply: `out[b] = W x[b] (+ bias)` for
+//! a 4-bit weight `W [rows, cols]` and 1 to [`GEMV_MAX_BATCH`] input rows `x[b]`, reading
+//! the packed codes once instead of writing the whole dequantized weight and reading it
+//! back. Each group of weights is decoded once and multiplied with every input row.
+//!
+//! Each weight element is decoded exactly as [`crate::dequantize_4bit`] decodes it,
+//! `w = T(code[nibble] * scale)` (a float32 product rounded once to `T`), so the result is
+//! dequantize-then-matvec up to the order of the float32 summation. Double-quantized
+//! scales are decoded inline, per block, with dequantization's own float32 operations
+//! (`map[code] * nested_scale`, rounded, then `+ offset`, rounded): bit-identical to
+//! decoding them first, with no allocation per call.
+//!
+//! # Kernels
+//!
+//! [`GemvKernel::selected`] picks the kernel: the CPU's best, or the one the environment
+//! variable `QLORAKIT_CPU_KERNEL` (`portable`, `avx512`, `avx512bf16`; read once per process)
+//! forces. An unknown name, or a kernel this CPU lacks, makes every call fail with an error
+//! naming the variable. `avx512bf16` applies to bfloat16 inputs with blocksize >= 64 and
+//! `cols` a multiple of 64; other inputs under it take `avx512`.
+//!
+//! # Summation order of `portable` and `avx512` (float32, float16, and bfloat16 elsewhere)
+//!
+//! Fixed, the same on every CPU and in both kernels, so their results are bit-identical: a
+//! row's elements are split into pieces at block boundaries (a row that starts on the low
+//! nibble of a byte first gives its single first element a piece of its own); each piece
+//! is walked in groups of 16 from its start, element `LANE_ELEMENT[l]` of group `g` adding
+//! its product `w * x` (rounded, not fused) to lane `l` of accumulator `g % 4` (4 x 16
+//! float32 lanes: four independent dependency chains keep the adds from waiting on each
+//! other); the accumulators are added as 0 + 1 and 2 + 3, then those two; the 16 lanes are
+//! folded as `i` and `i + 8`, then `i + 4`, `i + 2`, `i + 1`; the bias, if any, is added;
+//! the sum is rounded once to `T`.
+//!
+//! # Summation order of `avx512bf16`
+//!
+//! Its own, also fixed: the row is walked in chunks of 64 elements (`cols` is a multiple of
+//! 64 and a block holds whole chunks, so one scale per chunk); chunk `k` adds its even
+//! elements to accumulator `2 (k % 2)` and its odd elements to accumulator `2 (k % 2) + 1`,
+//! lane `j` of the even accumulator taking element `4j + 2` then `4j` of the chunk, lane
+//! `j` of the odd one element `4j + 3` then `4j + 1` (`vdpbf16ps`: each product is exact,
+//! each addition rounded to nearest even); then the same fold, bias and rounding as above.
+//! `vdpbf16ps` treats subnormal inputs as zero and flushes subnormal results to zero:
+//! subnormal bfloat16 weights or inputs, products below 2^-126, and partial sums below
+//! 2^-126 count as zero. This is the one difference to exact float32 arithmetic.
+//!
+//! # Error bound
+//!
+//! Every kernel returns the same result on every run and thread count (each output is
+//! computed by one task, in the fixed order). Against the exact dot product `s` of the
+//! weight as dequantized (in `T`) with `x`, plus the bias (`n` = `cols` + 1 terms `t_i`),
+//! the float32 sum before the final rounding is within
+//! `gamma_n * sum |t_i|` (`gamma_n = n u / (1 - n u)`, `u = 2^-24`, any summation order) for
+//! `portable` and `avx512`, and within `gamma_n * sum |t_i| + sum_{flushed} |t_i| +
+//! cols * 2^-126` for `avx512bf16` (the terms flushed as above, and one flush of at most
+//! 2^-126 per addition of the dot products); the rounding to `T` then adds at most
+//! `u_T |value|` plus half of `T`'s smallest subnormal.
+
+pub(crate) mod avx512;
+mod avx512_bf16;
+mod input;
+mod kernel;
+mod portable;
+
+use std::marker::PhantomData;
+
+use rayon::prelude::*;
+
+use crate::block_scale::BlockScale;
+use crate::element::Element;
+use crate::error::{QuantError, Result};
+use crate::layout::check_len;
+use crate::packed::PackedView;
+
+pub use kernel::{GemvKernel, CPU_KERNEL_ENV};
+
+use input::{Plan, Prepared};
+
+/// Lanes of an accumulator, and elements per group of the summation order.
+pub const GEMV_LANES: usize = 16;
+/// Accumulators (of [`GEMV_LANES`] lanes) a row's groups take turns adding to.
+pub const GEMV_ACCUMULATORS: usize = 4;
+/// The most input rows one call takes (speculative or batched decoding); more rows are
+/// better served by dequantize + matmul.
+pub const GEMV_MAX_BATCH: usize = 8;
+/// Input rows one lane-kernel call carries (4 accumulators each, 16 registers); a batch of
+/// up to [`GEMV_MAX_BATCH`] runs as two calls per weight row, the second reading the row's
+/// codes from L1. The BF16 kernel carries all 8 in one call (its fold is in registers).
+const KERNEL_BATCH: usize = 4;
+
+/// A row's partial sums: lane `l` of accumulator `a`.
+type Lanes = [[f32; GEMV_LANES]; GEMV_ACCUMULATORS];
+
+/// Weight elements below which a call runs on the calling thread: spreading a small matrix
+/// over the pool costs more in wake-ups than it saves (about 50 us of work on one core).
+const MIN_PARALLEL_ELEMENTS: usize = 1 << 20;
+/// Weight elements per parallel task, at least: large enough to amortize scheduling.
+const MIN_TASK_ELEMENTS: usize = 1 << 18;
+/// Tasks per pool thread, at most: enough to balance when a thread is busy elsewhere.
+const TASKS_PER_THREAD: usize = 4;
+
+/// `LANE_ELEMENT[lane]`: the element of a group of 16 that adds to accumulator `lane`.
+///
+/// The AVX-512 kernel reads a group's 8 packed bytes as one little-endian 64-bit word and
+/// shifts 64-bit lane `k` right by `4 k`, so 32-bit lane `2 k + h` holds nibble
+/// `n = k + 8 h` of the word; nibble `n` is element `n ^ 1` (the high nibble of a byte is
+/// the even element). The portable kernel follows the same map, which makes the two
+/// kernels' sums bit-identical.
+pub const LANE_ELEMENT: [usize; GEMV_LANES] = {
+    let mut map = [0; GEMV_LANES];
+    let mut lane = 0;
+    while lane < GEMV_LANES {
+        map[lane] = ((lane >> 1) + 8 * (lane & 1)) ^ 1;
+        lane += 1;
+    }
+    map
+};
+
+/// The lane of a group's element 0.
+const LANE_OF_FIRST: usize = 2;
+
+/// `out[b * rows + r] = T(sum_c w[r, c] * x[b * cols + c] (+ bias[r]))` for the row-major
+/// 4-bit weight `[rows, cols]` (`weight`, as [`crate::quantize_4bit`] writes it, plain or
+/// double-quantized scales) and `x` holding `batch` rows of `cols` (1 to
+/// [`GEMV_MAX_BATCH`]; `out` holds `batch * rows`), accumulated in float32 in the order
+/// described in the module documentation, weight rows split across rayon tasks. Uses
+/// [`GemvKernel::selected`].
+pub fn gemv_4bit<T: Element>(
+    weight: &PackedView<'_>,
+    x: &[T],
+    bias: Option<&[T]>,
+    out: &mut [T],
+) -> Result<()> {
+    gemv_4bit_with(GemvKernel::selected()?, weight, x, bias, out)
+}
+
+/// [`gemv_4bit`] with a chosen kernel; one the CPU lacks falls back to the portable kernel
+/// (and `Avx512Bf16` on inputs it does not take to `Avx512`), so this is always safe.
+pub fn gemv_4bit_with<T: Element>(
+    kernel: GemvKernel,
+    weight: &PackedView<'_>,
+    x: &[T],
+    bias: Option<&[T]>,
+    out: &mut [T],
+) -> Result<()> {
+    // The view has checked the codes and scales against its (non-empty) shape.
+    let (rows, cols) = weight.matrix()?;
+    let batch = x.len() / cols;
+    check_len("x input", cols * batch.max(1), x.len())?;
+    if batch > GEMV_MAX_BATCH {
+        return Err(QuantError::GemvBatch {
+            rows: batch,
+            max: GEMV_MAX_BATCH,
+        });
+    }
+    check_len("out", rows * batch, out.len())?;
+    if let Some(bias) = bias {
+        check_len("bias input", rows, bias.len())?;
+    }
+    let weight = Weight {
+        packed: weight.codes(),
+        scales: BlockScale::new(weight.scales()),
+        values: &weight.quant_type().codebook().values,
+        block_shift: weight.blocksize().get().trailing_zeros(),
+        cols,
+    };
+    let plan = Plan::choose::<T>(kernel, weight.block_shift, cols);
+    input::with_prepared(plan, x, |x| {
+        run(&weight, x, batch, bias, OutRows::new(out, rows, batch))
+    });
+    Ok(())
+}
+
+/// Splits the weight rows into tasks (or none, for a small matrix) and writes every output.
+fn run<T: Element>(
+    weight: &Weight<'_>,
+    x: Prepared<'_>,
+    batch: usize,
+    bias: Option<&[T]>,
+    out: OutRows<'_, T>,
+) {
+    let rows = out.rows;
+    let elements = rows * weight.cols;
+    let task = |first: usize, last: usize| {
+        let mut sums = [0.0f32; GEMV_MAX_BATCH];
+        for row in first..last {
+            weight.row_sums::<T>(x, row, batch, &mut sums);
+            let bias = bias.map(|bias| bias[row].to_f32());
+            for (b, &sum) in sums[..batch].iter().enumerate() {
+                let sum = bias.map_or(sum, |bias| sum + bias);
+                // SAFETY: rows `first..last` belong to this task alone.
+                unsafe { out.write(b, row, T::from_f32(sum)) };
+            }
+        }
+    };
+    if elements < MIN_PARALLEL_ELEMENTS || rayon::current_num_threads() == 1 {
+        return task(0, rows);
+    }
+    let tasks = (elements / MIN_TASK_ELEMENTS)
+        .min(TASKS_PER_THREAD * rayon::current_num_threads())
+        .clamp(1, rows);
+    let rows_per_task = rows.div_ceil(tasks);
+    (0..rows.div_ceil(rows_per_task))
+        .into_par_iter()
+        .for_each(|t| task(t * rows_per_task, ((t + 1) * rows_per_task).min(rows)));
+}
+
+/// The outputs `[batch, rows]`, written by several tasks, each its own rows.
+struct OutRows<'a, T> {
+    ptr: *mut T,
+    rows: usize,
+    batch: usize,
+    _out: PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: tasks write disjoint elements (see `write`); T is Send.
+unsafe impl<T: Send> Sync for OutRows<'_, T> {}
+
+impl<'a, T> OutRows<'a, T> {
+    /// `out` must hold `batch * rows` elements (checked by the caller).
+    fn new(out: &'a mut [T], rows: usize, batch: usize) -> Self {
+        assert_eq!(out.len(), rows * batch, "gemv output length");
+        OutRows {
+            ptr: out.as_mut_ptr(),
+            rows,
+            batch,
+            _out: PhantomData,
+        }
+    }
+
+    /// Writes output `row` of input row `b`.
+    ///
+    /// # Safety
+    /// No other thread may write or read the same `(b, row)` concurrently.
+    #[inline]
+    unsafe fn write(&self, b: usize, row: usize, value: T) {
+        assert!(b < self.batch && row < self.rows, "gemv output index");
+        // SAFETY: in bounds (asserted); exclusive per the contract.
+        unsafe { self.ptr.add(b * self.rows + row).write(value) }
+    }
+}
+
+/// The validated weight buffers and the geometry the row kernels need.
+#[derive(Clone, Copy)]
+struct Weight<'a> {
+    packed: &'a [u8],
+    scales: BlockScale<'a>,
+    values: &'a [f32; 16],
+    /// log2 of the blocksize (a power of two): the block of an element is a shift away.
+    block_shift: u32,
+    cols: usize,
+}
+
+/// How a kernel rounds a block's float32 table `code * scale` to the element type; the
+/// AVX-512 kernel knows these three, any other `Element` uses the portable kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TableRounding {
+    Float32,
+    Bfloat16,
+    Float16,
+}
+
+impl TableRounding {
+    pub(crate) fn of<T: 'static>() -> Option<TableRounding> {
+        use half::{bf16, f16};
+        use std::any::TypeId;
+        let id = TypeId::of::<T>();
+        [
+            (TypeId::of::<f32>(), TableRounding::Float32),
+            (TypeId::of::<bf16>(), TableRounding::Bfloat16),
+            (TypeId::of::<f16>(), TableRounding::Float16),
+        ]
+        .into_iter()
+        .find_map(|(known, rounding)| (known == id).then_some(rounding))
+    }
+}
+
+impl Weight<'_> {
+    /// The sums (before the bias) of weight row `row` with each of the `batch` input rows.
+    #[inline]
+    fn row_sums<T: Element>(
+        &self,
+        x: Prepared<'_>,
+        row: usize,
+        batch: usize,
+        sums: &mut [f32; GEMV_MAX_BATCH],
+    ) {
+        match x {
+            #[cfg(target_arch = "x86_64")]
+            Prepared::Bf16Pairs(x) => {
+                for b0 in (0..batch).step_by(avx512_bf16::BF16_BATCH) {
+                    let n = (batch - b0).min(avx512_bf16::BF16_BATCH);
+                    let xs = XRows {
+                        x: &x[b0 * self.cols..],
+                        stride: self.cols,
+                        skip: 0,
+                    };
+                    // SAFETY: `Bf16Pairs` is only prepared after checking the CPU's
+                    // support and the layout (see `Plan::choose`); each of the `n` rows
+                    // of `xs` is one arranged row of `cols` elements.
+                    unsafe { avx512_bf16::row_sums(self, row, xs, &mut sums[b0..b0 + n]) };
+                }
+            }
+            Prepared::Float32 { x, kernel } => {
+                for b0 in (0..batch).step_by(KERNEL_BATCH) {
+                    let n = (batch - b0).min(KERNEL_BATCH);
+                    let lanes = self.lane_row::<T>(kernel, row, &x[b0 * self.cols..], n);
+                    for (sum, lanes) in sums[b0..b0 + n].iter_mut().zip(lanes) {
+                        *sum = fold(lanes);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The partial sums (before the fold) of weight row `row` with the first `n` (at most
+    /// [`KERNEL_BATCH`]) input rows of `x`.
+    #[inline]
+    fn lane_row<T: Element>(
+        &self,
+        kernel: input::LaneKernel,
+        row: usize,
+        x: &[f32],
+        n: usize,
+    ) -> [Lanes; KERNEL_BATCH] {
+        let mut start = row * self.cols;
+        let mut skip = 0;
+        let mut lanes = [[[0.0f32; GEMV_LANES]; GEMV_ACCUMULATORS]; KERNEL_BATCH];
+        if start % 2 == 1 {
+            // The row starts on the low nibble of a byte: that element is a piece of its
+            // own (element 0 of group 0, hence accumulator 0, lane LANE_OF_FIRST), so
+            // every later piece starts on a high nibble.
+            let code = self.packed[start / 2] & 0xf;
+            let scale = self.scales.get(start >> self.block_shift);
+            let w = T::from_f32(self.values[usize::from(code)] * scale).to_f32();
+            for (b, lanes) in lanes[..n].iter_mut().enumerate() {
+                lanes[0][LANE_OF_FIRST] += w * x[b * self.cols];
+            }
+            start += 1;
+            skip = 1;
+        }
+        let xs = XRows {
+            x,
+            stride: self.cols,
+            skip,
+        };
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Avx512` is only chosen after checking the CPU's support; `start`
+            // is even, `start + cols - skip` is at most `rows * cols`, the element count
+            // the buffer lengths were checked against, and lane-ordered x (only used when
+            // `cols` is a multiple of 16, so the row starts even) holds whole groups.
+            input::LaneKernel::Avx512 {
+                rounding,
+                lane_ordered,
+            } => unsafe {
+                avx512::row_lanes(self, rounding, lane_ordered, start, xs, &mut lanes[..n])
+            },
+            _ => portable::row_lanes::<T>(self, start, xs, &mut lanes[..n]),
+        }
+        lanes
+    }
+}
+
+/// Input rows of one kernel call: row `b` is `x[b * stride + skip..(b + 1) * stride]`.
+#[derive(Clone, Copy)]
+struct XRows<'a, E> {
+    x: &'a [E],
+    stride: usize,
+    skip: usize,
+}
+
+impl<'a, E> XRows<'a, E> {
+    #[inline(always)]
+    fn row(&self, b: usize) -> &'a [E] {
+        &self.x[b * self.stride + self.skip..(b + 1) * self.stride]
+    }
+}
+
+/// The canonical fold of a row's partial sums: accumulators 0 + 1 and 2 + 3, then those
+/// two; then lanes `i` and `i + 8`, `i + 4`, `i + 2`, `i + 1`.
+#[inline]
+fn fold([a0, a1, a2, a3]: Lanes) -> f32 {
+    let mut lanes: [f32; GEMV_LANES] = std::array::from_fn(|i| (a0[i] + a1[i]) + (a2[i] + a3[i]));
+    let mut width = GEMV_LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            lanes[i] += lanes[i + width];
+        }
+        width /= 2;
+    }
+    lanes[0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_map_is_a_permutation_with_element_0_in_lane_of_first() {
+        let mut seen = [false; GEMV_LANES];
+        for &element in &LANE_ELEMENT {
+            assert!(!seen[element]);
+            seen[element] = true;
+        }
+        assert_eq!(LANE_ELEMENT[LANE_OF_FIRST], 0);
+    }
+
+    #[test]
+    fn table_rounding_is_known_for_the_three_element_types() {
+        use half::{bf16, f16};
+        assert_eq!(TableRounding::of::<f32>(), Some(TableRounding::Float32));
+        assert_eq!(TableRounding::of::<bf16>(), Some(TableRounding::Bfloat16));
+        assert_eq!(TableRounding::of::<f16>(), Some(TableRounding::Float16));
+        assert_eq!(TableRounding::of::<f64>(), None);
+    }
+}
