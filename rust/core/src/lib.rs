@@ -10,7 +10,6 @@
 mod block_scale;
 pub mod checkpoint;
 mod dispatch;
-mod memory;
 
 pub mod codebook;
 pub mod dequantize;

@@ -6,9 +6,11 @@
 //! ([`crate::dequantize_absmax`]) but without allocating the float32 absmax. On CPUs with
 //! AVX-512 F/BW/VL, whole blocks of at least 32 (float32) or 64 (16-bit) elements are
 //! decoded by `avx512` (table lookups by `vpermps`/`vpermw`, bit-identical to the portable
-//! loop, which takes the rest; `QLORAKIT_CPU_KERNEL=portable` forces the loop). Large outputs
-//! get huge pages advised before the parallel write (see [`crate::memory`]): a fresh
-//! tensor's page faults are otherwise most of the cost.
+//! loop, which takes the rest; `QLORAKIT_CPU_KERNEL=portable` forces the loop). No huge-page
+//! advice on fresh outputs: `madvise(MADV_HUGEPAGE)` made a freed-then-reallocated output
+//! 2.5x faster but a run of outputs kept alive (a merge, `dequantize_model`) 4x slower
+//! (direct compaction on first touch), and without it a fresh output is already as fast
+//! as bitsandbytes' (`tools/bench_gemv.py`).
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -22,12 +24,7 @@ use crate::element::Element;
 use crate::error::{QuantError, Result};
 use crate::gemv::GemvKernel;
 use crate::layout::{check_len, packed_len, task_blocks, Blocksize};
-use crate::memory::advise_huge_pages;
 use crate::packed::Scales;
-
-/// Outputs at least this large (bytes) get huge pages advised before they are written:
-/// below it no 2 MiB page fits inside reliably, and the syscall is not worth it.
-const ADVISE_HUGE_PAGES_BYTES: usize = 4 << 20;
 
 fn check_buffers(numel: usize, blocksize: Blocksize, packed: &[u8], absmax: &[f32]) -> Result<()> {
     if numel == 0 {
@@ -101,9 +98,6 @@ fn dequantize_checked<T: Element>(
     blocksize: Blocksize,
     out: &mut [T],
 ) {
-    if std::mem::size_of_val(out) >= ADVISE_HUGE_PAGES_BYTES {
-        advise_huge_pages(out);
-    }
     let values = &quant_type.codebook().values;
     let bs = blocksize.get();
     let blocks_per_task = task_blocks(bs);
