@@ -65,6 +65,10 @@ class Linear4bit(nn.Linear):
     the output back to the input's dtype. The bias, if any, is a frozen parameter in its stored dtype.
     """
 
+    #: ``forward`` returns a new tensor it keeps no reference to: an adapter may add into it in place
+    #: (:mod:`qlorakit.lora.compute`).
+    qlorakit_fresh_output = True
+
     def __init__(
         self, weight: PackedWeight, bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16
     ):
