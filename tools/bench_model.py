@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 from bench_common import TimedCall, configure_threads, parse_dims, print_machine, time_interleaved
 from bench_linear import load_line
-from bench_load import current_rss_bytes, peak_rss_bytes
+from bench_load import current_rss_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -279,6 +279,16 @@ class Candidate(TimedCall):
 
     def median(self) -> float:
         return statistics.median(self.times) if self.times else math.inf
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program (``VmHWM``). Not ``ru_maxrss``: Linux
+    keeps that across ``exec``, so a child started by a big parent would report the parent's peak."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def process_cpu_s() -> float:
