@@ -575,7 +575,8 @@ def print_summary(results: dict[str, dict[str, Any]]) -> None:
             cells += [
                 f"gen {r} {v['tokens_per_s']:.1f} ({v['x_bnb']:.2f}x)" for r, v in parts["generate"]["routes"].items()
             ]
-        print(f"{name}: " + "; ".join(cells))
+        if cells:
+            print(f"{name}: " + "; ".join(cells))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
