@@ -22,6 +22,8 @@ kernels (:mod:`qlorakit.nn.dispatch` holds both backends).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from qlorakit.formats import NESTED_BLOCKSIZE
@@ -47,32 +49,35 @@ torch.library.define("qlorakit::linear_4bit_grad_input", f"(Tensor grad_output, 
 
 def weight_args(packed: PackedWeight) -> tuple:
     """``packed`` as the ops' weight arguments (:data:`WEIGHT_SCHEMA`)."""
-    out_features, in_features = packed.shape
-    offset = float(packed.offset) if packed.offset is not None else 0.0
-    return (
-        packed.codes,
-        packed.absmax,
-        packed.nested_absmax,
-        offset,
-        packed.nested_dtype,
-        packed.quant_type,
-        packed.blocksize,
-        out_features,
-        in_features,
-    )
+    return (packed.codes, packed.absmax, packed.nested_absmax, *layout_args(packed.layout))
+
+
+@functools.lru_cache(maxsize=1024)
+def layout_args(layout: QuantLayout) -> tuple:
+    """The non-tensor weight arguments of :data:`WEIGHT_SCHEMA` (what follows the three tensors), computed once
+    per layout (a model has a handful: every call of a layer passes the same ones)."""
+    out_features, in_features = layout.shape
+    offset = float(layout.offset) if layout.offset is not None else 0.0
+    return (offset, layout.nested_dtype, layout.quant_type, layout.blocksize, out_features, in_features)
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(
+    quant_type: str,
+    blocksize: int,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    offset: float | None,
+    nested_dtype: torch.dtype,
+) -> QuantLayout:
+    return QuantLayout(quant_type, blocksize, shape, dtype, offset=offset, nested_dtype=nested_dtype)
 
 
 def _from_args(weight: tuple, dtype: torch.dtype) -> PackedWeight:
     """The inverse of :func:`weight_args`; ``dtype``: the dtype the weight is used in."""
     codes, absmax, nested_absmax, offset, nested_dtype, quant_type, blocksize, out_features, in_features = weight
-    layout = QuantLayout(
-        quant_type,
-        blocksize,
-        (out_features, in_features),
-        dtype,
-        offset=offset if nested_absmax is not None else None,
-        nested_dtype=nested_dtype,
-    )
+    offset = offset if nested_absmax is not None else None
+    layout = _layout(quant_type, blocksize, (out_features, in_features), dtype, offset, nested_dtype)
     return PackedWeight(codes, absmax, nested_absmax, layout)
 
 
@@ -98,8 +103,38 @@ def gemv_4bit(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None =
 
 
 def linear_4bit(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x W^T + b`` for ``x`` ``[..., in_features]`` in a float dtype; ``b`` in ``x``'s dtype."""
-    return torch.ops.qlorakit.linear_4bit(x, *weight_args(packed), bias)
+    """``x W^T + b`` for ``x`` ``[..., in_features]`` in a float dtype; ``b`` in ``x``'s dtype.
+
+    Where nothing could tell the difference, the kernel is called without the dispatcher (which costs more
+    than a batch-1 decoding step's small kernels): in eager mode, no gradient to record, plain tensors on a
+    device with a kernel, no torch function or dispatch mode, functorch transform or profiler active. Anywhere
+    else (tracing, ``torch.compile``, FakeTensor, DTensor, autograd) the call goes through
+    ``torch.ops.qlorakit.linear_4bit``; the result is the same."""
+    weight = weight_args(packed)
+    if _runs_directly(x, packed.codes, bias):
+        return _linear(x, _from_args(weight, x.dtype), bias)
+    return torch.ops.qlorakit.linear_4bit(x, *weight, bias)
+
+
+#: Tensor types :func:`linear_4bit` calls its kernel directly for (no subclass overrides what an op does).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _runs_directly(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether :func:`linear_4bit` may call its kernel directly (see there)."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    if type(x) not in _PLAIN or type(codes) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
+        return False
+    return (
+        x.device.type in DEVICES
+        and codes.device == x.device
+        and not torch.compiler.is_compiling()
+        and not torch._C._is_torch_function_mode_enabled()
+        and not torch._C._len_torch_dispatch_stack()
+        and not torch._C._are_functorch_transforms_active()
+        and not torch.autograd.profiler._is_profiler_enabled
+    )
 
 
 # --- kernels: one function per op, registered for every device of DEVICES

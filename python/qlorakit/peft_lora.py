@@ -19,6 +19,7 @@ import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
+from qlorakit.lora.compute import add_update, adds_in_place, low_rank_update
 from qlorakit.nn.linear4bit import Linear4bit
 from qlorakit.quantization import quantize
 
@@ -48,6 +49,7 @@ class LoraLinear4bit(PeftLoraLinear):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
+        in_place = adds_in_place(self.base_layer)
         for active_adapter in self.active_adapters:
             if active_adapter not in self.lora_A:
                 continue
@@ -55,10 +57,14 @@ class LoraLinear4bit(PeftLoraLinear):
             lora_B = self.lora_B[active_adapter]
             convert = not torch.is_autocast_enabled()
             lora_x = self._cast_input_dtype(x, lora_A.weight.dtype) if convert else x
-            update = lora_B(lora_A(self.lora_dropout[active_adapter](lora_x))) * self.scaling[active_adapter]
+            update = low_rank_update(
+                lora_A, lora_B, self.lora_dropout[active_adapter](lora_x), self.scaling[active_adapter]
+            )
             if convert:
                 update = update.to(result.dtype)
-            result = result + update
+            # In place only into the base's own fresh output: a second adapter adds to a sum already made here.
+            result = add_update(result, update, in_place)
+            in_place = True
         return result
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlorakit.lora.compute import add_update, adds_in_place, low_rank_update
 from qlorakit.lora.config import scaling_factor
 
 
@@ -111,12 +112,12 @@ class LoraLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         lora_x = x if x.dtype == self.lora_A.weight.dtype else x.to(self.lora_A.weight.dtype)
-        update = self.lora_B(self.lora_A(self.lora_dropout(lora_x))) * self.scaling
-        if not is_dense_linear(self.base_layer):
-            # PEFT's 4-bit layers round the update to the output dtype before adding it;
-            # doing the same keeps outputs bit-identical to PEFT on a quantized base.
-            update = update.to(result_dtype)
-        return (result + update).to(result_dtype)
+        update = low_rank_update(self.lora_A, self.lora_B, self.lora_dropout(lora_x), self.scaling)
+        if is_dense_linear(self.base_layer):
+            return (result + update).to(result_dtype)
+        # PEFT's 4-bit layers round the update to the output dtype before adding it;
+        # doing the same keeps outputs bit-identical to PEFT on a quantized base.
+        return add_update(result, update.to(result_dtype), adds_in_place(self.base_layer))
 
     def extra_repr(self) -> str:
         return (

@@ -65,6 +65,10 @@ class Linear4bit(nn.Linear):
     the output back to the input's dtype. The bias, if any, is a frozen parameter in its stored dtype.
     """
 
+    #: ``forward`` returns a new tensor it keeps no reference to: an adapter may add into it in place
+    #: (:mod:`qlorakit.lora.compute`).
+    qlorakit_fresh_output = True
+
     def __init__(
         self, weight: PackedWeight, bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16
     ):
@@ -216,9 +220,12 @@ class Linear4bit(nn.Linear):
         self.layout = loaded.layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        out = ops.linear_4bit(x.to(self.compute_dtype), self.packed_weight(), bias)
-        return out.to(x.dtype)
+        compute_dtype = self.compute_dtype
+        bias = self.bias
+        if bias is not None and bias.dtype != compute_dtype:
+            bias = bias.to(compute_dtype)
+        out = ops.linear_4bit(x if x.dtype == compute_dtype else x.to(compute_dtype), self.packed_weight(), bias)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
