@@ -9,10 +9,11 @@ opaque Rust or CuPy call (bitsandbytes registers its ops the same way).
 - ``qlorakit::dequantize_4bit``: the weight in a float dtype (a fresh tensor).
 - ``qlorakit::gemv_4bit``: ``W x (+ b)`` for an input of one row, by the fused dequantize-and-multiply kernel where
   the device has one (CUDA; the CPU with AVX-512), else by dequantizing and multiplying.
-- ``qlorakit::linear_4bit``: ``x W^T + b``, differentiable in ``x`` and ``b``. One row takes the fused
-  dequantize-and-multiply kernel where there is one; more rows dequantize into a per-thread scratch
-  buffer and multiply. Its backward is ``qlorakit::linear_4bit_grad_input`` (``grad W``, the weight
-  dequantized again, never kept from the forward) and a sum for the bias.
+- ``qlorakit::linear_4bit``: ``x W^T + b``, differentiable in ``x`` and ``b``. A few rows (CPU: up to
+  ``_core.GEMV_MAX_BATCH``; CUDA: one) take the fused dequantize-and-multiply kernel where there is one; more
+  rows dequantize into a per-thread scratch buffer and multiply. Its backward is
+  ``qlorakit::linear_4bit_grad_input`` (``grad W``, the weight dequantized again, never kept from the forward)
+  and a sum for the bias.
 
 Every op takes a 4-bit weight as the same arguments (:data:`WEIGHT_SCHEMA`, in the order
 :func:`weight_args` gives them from a :class:`~qlorakit.packed.PackedWeight`); the Python functions
@@ -120,21 +121,35 @@ def linear_4bit(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def _mode_probes() -> tuple | None:
+    """torch's (private) probes for what could observe an op call, or None on a torch without one of them: the
+    direct call is then never taken (every call goes through the op, as it always may)."""
+    try:
+        torch.autograd.profiler._is_profiler_enabled  # noqa: B018 - read on each call below
+        return (
+            torch._C._is_torch_function_mode_enabled,
+            torch._C._len_torch_dispatch_stack,
+            torch._C._are_functorch_transforms_active,
+            lambda: torch.autograd.profiler._is_profiler_enabled,
+        )
+    except AttributeError:
+        return None
+
+
+_PROBES = _mode_probes()
+
+
 def _runs_directly(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether :func:`linear_4bit` may call its kernel directly (see there)."""
+    if _PROBES is None or torch.compiler.is_compiling():
+        return False
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return False
     if type(x) not in _PLAIN or type(codes) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
         return False
-    return (
-        x.device.type in DEVICES
-        and codes.device == x.device
-        and not torch.compiler.is_compiling()
-        and not torch._C._is_torch_function_mode_enabled()
-        and not torch._C._len_torch_dispatch_stack()
-        and not torch._C._are_functorch_transforms_active()
-        and not torch.autograd.profiler._is_profiler_enabled
-    )
+    if x.device.type not in DEVICES or codes.device != x.device:
+        return False
+    return not any(probe() for probe in _PROBES)
 
 
 # --- kernels: one function per op, registered for every device of DEVICES

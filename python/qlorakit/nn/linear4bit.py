@@ -2,8 +2,9 @@
 
 Forward: the weight is dequantized to the compute dtype (on the CPU into a scratch buffer shared
 by all layers of that shape; on CUDA by the CuPy kernels) and multiplied; nothing of it is kept.
-An input of a single row (batch-1 decoding) skips the dequantized weight altogether where a fused
-dequantize-and-multiply kernel exists (CUDA; the CPU with AVX-512): it reads the 4-bit codes once.
+An input of a few rows (decoding: 1 to ``_core.GEMV_MAX_BATCH`` rows on the CPU, a single row on CUDA) skips the
+dequantized weight altogether where a fused dequantize-and-multiply kernel exists (the CPU with AVX-512; CUDA): it
+reads the 4-bit codes once.
 Backward: the gradient with respect to the input is computed by dequantizing again (the full
 weight is not kept from the forward); the frozen weight gets no gradient. Both go through the ops
 :mod:`qlorakit.ops` registers with ``torch.library`` (``qlorakit::linear_4bit``), so ``torch.compile``

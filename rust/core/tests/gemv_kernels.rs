@@ -196,8 +196,7 @@ fn batched_rows_equal_single_row_calls_bit_for_bit_f16() {
 
 /// Nested scales decoded inline give the bits of the same call with the absmax decoded
 /// first (`dequantize_absmax`), on every kernel, and `dequantize_4bit_scaled` those of
-/// `dequantize_4bit` on the decoded absmax, for outputs small and large (the latter get
-/// huge pages advised before the write).
+/// `dequantize_4bit` on the decoded absmax, for outputs small and large.
 #[test]
 fn nested_scales_decode_inline_bit_identically() {
     let mut rng = Rng(0x5ca1e);
