@@ -20,6 +20,7 @@ pub mod encode;
 pub mod error;
 pub mod gemv;
 pub mod gptq;
+mod lanes;
 pub mod layout;
 pub mod mean;
 pub mod packed;

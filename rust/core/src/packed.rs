@@ -152,6 +152,22 @@ impl ScalesMut<'_> {
 }
 
 impl Absmax {
+    /// Float32 block scales as stored: double-quantized (codes, nested scales, offset) when
+    /// `double_quant` is set, else kept as they are.
+    pub fn stored(absmax: Vec<f32>, double_quant: bool) -> Result<Self> {
+        if !double_quant {
+            return Ok(BlockScales::Plain(absmax));
+        }
+        let mut codes = vec![0u8; absmax.len()];
+        let mut scales = vec![0.0f32; nested_blocks(absmax.len())];
+        let offset = double_quantize(&absmax, &mut codes, &mut scales)?;
+        Ok(BlockScales::Nested {
+            codes,
+            scales,
+            offset,
+        })
+    }
+
     /// Zeroed scales for `blocks` blocks: double-quantized (codes, nested scales, offset 0) when
     /// `double_quant` is set, else plain float32.
     pub fn zeroed(blocks: usize, double_quant: bool) -> Self {
@@ -301,18 +317,7 @@ impl PackedTensor {
         let mut packed = vec![0u8; packed_len(input.len())];
         let mut absmax = vec![0.0f32; blocksize.blocks(input.len())];
         quantize_4bit(input, quant_type, blocksize, &mut packed, &mut absmax)?;
-        let absmax = if double_quant {
-            let mut codes = vec![0u8; absmax.len()];
-            let mut scales = vec![0.0f32; nested_blocks(absmax.len())];
-            let offset = double_quantize(&absmax, &mut codes, &mut scales)?;
-            Absmax::Nested {
-                codes,
-                scales,
-                offset,
-            }
-        } else {
-            Absmax::Plain(absmax)
-        };
+        let absmax = Absmax::stored(absmax, double_quant)?;
         Ok(PackedTensor {
             quant_type,
             blocksize,

@@ -53,18 +53,7 @@ impl<T: Element> Layer<T> {
         let absmax: Vec<f32> = (0..blocksize.blocks(numel))
             .map(|_| 10f64.powf(rng.uniform(-3.0, 1.0)) as f32)
             .collect();
-        let scales = if nested {
-            let mut codes = vec![0u8; absmax.len()];
-            let mut scales = vec![0.0f32; absmax.len().div_ceil(256)];
-            let offset = double_quantize(&absmax, &mut codes, &mut scales).unwrap();
-            Absmax::Nested {
-                codes,
-                scales,
-                offset,
-            }
-        } else {
-            Absmax::Plain(absmax)
-        };
+        let scales = Absmax::stored(absmax, nested).unwrap();
         let x = (0..batch * cols)
             .map(|_| match rng.below(8) {
                 0 => T::from_f32(0.0),

@@ -132,17 +132,7 @@ impl Moments {
     /// Folds per-lane partial sums in the canonical tree: lanes `i` and `i + 8`, then
     /// `i + 4`, `i + 2`, `i + 1`.
     pub(crate) fn fold(lanes: [[f32; MOMENT_LANES]; 3]) -> Moments {
-        let fold = |mut v: [f32; MOMENT_LANES]| {
-            let mut width = MOMENT_LANES / 2;
-            while width > 0 {
-                for i in 0..width {
-                    v[i] += v[i + width];
-                }
-                width /= 2;
-            }
-            v[0]
-        };
-        let [cross, energy, norm] = lanes.map(fold);
+        let [cross, energy, norm] = lanes.map(crate::lanes::tree_sum);
         Moments {
             cross,
             energy,

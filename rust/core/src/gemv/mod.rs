@@ -379,15 +379,8 @@ impl<'a, E> XRows<'a, E> {
 /// two; then lanes `i` and `i + 8`, `i + 4`, `i + 2`, `i + 1`.
 #[inline]
 fn fold([a0, a1, a2, a3]: Lanes) -> f32 {
-    let mut lanes: [f32; GEMV_LANES] = std::array::from_fn(|i| (a0[i] + a1[i]) + (a2[i] + a3[i]));
-    let mut width = GEMV_LANES / 2;
-    while width > 0 {
-        for i in 0..width {
-            lanes[i] += lanes[i + width];
-        }
-        width /= 2;
-    }
-    lanes[0]
+    let lanes: [f32; GEMV_LANES] = std::array::from_fn(|i| (a0[i] + a1[i]) + (a2[i] + a3[i]));
+    crate::lanes::tree_sum(lanes)
 }
 
 #[cfg(test)]
