@@ -103,6 +103,14 @@ def cpu_kernel() -> str:
     ``avx512bf16``), else the CPU's best; raises :class:`QuantizationError` for an unknown name or a kernel the CPU
     lacks."""
 
+def share_openmp_runtime(path: str) -> None:
+    """Runs the CPU kernels' parallel tasks (gemv, dequantize) on the OpenMP runtime at ``path``, already loaded in
+    this process (torch's libgomp); raises ``OSError`` if it is not loaded, not a GNU-ABI OpenMP runtime, or another
+    one was shared first. Sharing the same one again is a no-op."""
+
+def shared_openmp_runtime() -> str | None:
+    """The path of the OpenMP runtime the CPU kernels share, or ``None`` (rayon's pool)."""
+
 def double_quantize(absmax: Any, codes: Any, scales: Any) -> float:
     """Compress float32 ``absmax`` to uint8 ``codes`` and float32 ``scales`` (one per 256); return the offset."""
 

@@ -14,6 +14,7 @@ import torch
 from qlorakit import _core
 from qlorakit._core import QuantizationError
 from qlorakit._native import ArrayLike, as_tensor, byte_view, element_dtype_name
+from qlorakit.cpu_pool import share_torch_threads
 from qlorakit.formats import DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE
 from qlorakit.packed import PackedWeight, QuantLayout
 from qlorakit.tables import dynamic_map
@@ -201,6 +202,7 @@ def dequantize(
         )
     dtype_name = element_dtype_name(out, "out")
     absmax, nested, offset = core_scale_args(packed)
+    share_torch_threads()
     _core.dequantize_4bit(
         byte_view(packed.codes.contiguous(), "packed"),
         absmax,

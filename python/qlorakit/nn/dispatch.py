@@ -21,6 +21,7 @@ import torch
 
 from qlorakit import _core
 from qlorakit._native import byte_view, element_dtype_name
+from qlorakit.cpu_pool import share_torch_threads
 from qlorakit.errors import QlorakitError
 from qlorakit.packed import PackedWeight
 from qlorakit.quantization import core_scale_args, dequantize
@@ -123,6 +124,7 @@ def _gemv_cpu(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None) 
         bias = bias.to(x.dtype).contiguous()
     out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
     absmax, nested, offset = core_scale_args(packed)
+    share_torch_threads()
     _core.gemv_4bit(
         byte_view(packed.codes.contiguous(), "packed"),
         absmax,

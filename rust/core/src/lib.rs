@@ -24,6 +24,7 @@ mod lanes;
 pub mod layout;
 pub mod mean;
 pub mod packed;
+pub mod parallel;
 pub mod quantize;
 pub mod scale_search;
 

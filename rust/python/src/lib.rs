@@ -373,6 +373,22 @@ fn cpu_kernel() -> PyResult<&'static str> {
         .map_err(to_py_err)
 }
 
+/// Runs the CPU kernels' parallel tasks (gemv, dequantize) on the OpenMP runtime at `path`,
+/// which must already be loaded in this process (torch's libgomp), so that they share one
+/// team of threads with the host's kernels. `OSError` if it is not loaded or not a GNU-ABI
+/// OpenMP runtime, or if another one was shared first; sharing the same one again is a no-op.
+#[pyfunction]
+fn share_openmp_runtime(path: std::path::PathBuf) -> PyResult<()> {
+    core::parallel::share_openmp_runtime(&path)
+        .map_err(|err| pyo3::exceptions::PyOSError::new_err(err.to_string()))
+}
+
+/// The path of the OpenMP runtime the CPU kernels share, or `None` (rayon's pool).
+#[pyfunction]
+fn shared_openmp_runtime() -> Option<&'static str> {
+    core::parallel::shared_openmp_runtime()
+}
+
 /// Double-quantize float32 `absmax` into `codes` (uint8) and `scales` (float32); returns the offset.
 #[pyfunction]
 fn double_quantize(
@@ -479,6 +495,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(gemv_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(share_openmp_runtime, m)?)?;
+    m.add_function(wrap_pyfunction!(shared_openmp_runtime, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_4bit_searched, m)?)?;
     m.add_function(wrap_pyfunction!(gptq::quantize_4bit_gptq, m)?)?;

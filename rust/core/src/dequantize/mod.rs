@@ -15,8 +15,6 @@
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
-use rayon::prelude::*;
-
 use crate::block_scale::BlockScale;
 use crate::codebook::QuantType;
 use crate::dispatch::multiversion;
@@ -25,6 +23,7 @@ use crate::error::{QuantError, Result};
 use crate::gemv::GemvKernel;
 use crate::layout::{check_len, packed_len, task_blocks, Blocksize};
 use crate::packed::Scales;
+use crate::parallel;
 
 fn check_buffers(numel: usize, blocksize: Blocksize, packed: &[u8], absmax: &[f32]) -> Result<()> {
     if numel == 0 {
@@ -103,20 +102,19 @@ fn dequantize_checked<T: Element>(
     let blocks_per_task = task_blocks(bs);
     let task_len = blocks_per_task * bs;
     let simd = use_avx512();
-    out.par_chunks_mut(task_len)
-        .zip(packed.par_chunks(task_len / 2))
-        .enumerate()
-        .for_each(|(task, (out, packed))| {
-            let first_block = task * blocks_per_task;
-            // The AVX-512 kernel takes the whole blocks it can; the loop below the rest.
-            let done = if simd {
-                simd_blocks(packed, scales, first_block, values, bs, out)
-            } else {
-                0
-            };
-            let (packed, out) = (&packed[done / 2..], &mut out[done..]);
-            dequantize_task(packed, scales, first_block + done / bs, values, bs, out)
-        });
+    parallel::for_each_chunk_mut(out, task_len, &|task, out| {
+        let start = task * task_len / 2;
+        let packed = &packed[start..(start + task_len / 2).min(packed.len())];
+        let first_block = task * blocks_per_task;
+        // The AVX-512 kernel takes the whole blocks it can; the loop below the rest.
+        let done = if simd {
+            simd_blocks(packed, scales, first_block, values, bs, out)
+        } else {
+            0
+        };
+        let (packed, out) = (&packed[done / 2..], &mut out[done..]);
+        dequantize_task(packed, scales, first_block + done / bs, values, bs, out)
+    });
 }
 
 /// Whether the AVX-512 kernel runs: the CPU has it and `QLORAKIT_CPU_KERNEL` does not

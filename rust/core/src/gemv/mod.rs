@@ -62,13 +62,12 @@ mod portable;
 
 use std::marker::PhantomData;
 
-use rayon::prelude::*;
-
 use crate::block_scale::BlockScale;
 use crate::element::Element;
 use crate::error::{QuantError, Result};
 use crate::layout::check_len;
 use crate::packed::PackedView;
+use crate::parallel;
 
 pub use kernel::{GemvKernel, CPU_KERNEL_ENV};
 
@@ -121,7 +120,7 @@ const LANE_OF_FIRST: usize = 2;
 /// 4-bit weight `[rows, cols]` (`weight`, as [`crate::quantize_4bit`] writes it, plain or
 /// double-quantized scales) and `x` holding `batch` rows of `cols` (1 to
 /// [`GEMV_MAX_BATCH`]; `out` holds `batch * rows`), accumulated in float32 in the order
-/// described in the module documentation, weight rows split across rayon tasks. Uses
+/// described in the module documentation, weight rows split across parallel tasks ([`crate::parallel`]). Uses
 /// [`GemvKernel::selected`].
 pub fn gemv_4bit<T: Element>(
     weight: &PackedView<'_>,
@@ -191,16 +190,17 @@ fn run<T: Element>(
             }
         }
     };
-    if elements < MIN_PARALLEL_ELEMENTS || rayon::current_num_threads() == 1 {
+    let threads = parallel::current_num_threads();
+    if elements < MIN_PARALLEL_ELEMENTS || threads == 1 {
         return task(0, rows);
     }
     let tasks = (elements / MIN_TASK_ELEMENTS)
-        .min(TASKS_PER_THREAD * rayon::current_num_threads())
+        .min(TASKS_PER_THREAD * threads)
         .clamp(1, rows);
     let rows_per_task = rows.div_ceil(tasks);
-    (0..rows.div_ceil(rows_per_task))
-        .into_par_iter()
-        .for_each(|t| task(t * rows_per_task, ((t + 1) * rows_per_task).min(rows)));
+    parallel::for_each_task(rows.div_ceil(rows_per_task), &|t| {
+        task(t * rows_per_task, ((t + 1) * rows_per_task).min(rows))
+    });
 }
 
 /// The outputs `[batch, rows]`, written by several tasks, each its own rows.
