@@ -102,13 +102,19 @@ def importance_from_text(
     return collect_importance(model, batches)
 
 
-def load_float_model(model_dir: str | os.PathLike) -> tuple[nn.Module, Any]:
-    """The float32 model at ``model_dir`` (its own architecture class, so module names match
-    the checkpoint's weight names) and its tokenizer."""
+def float_model(model_dir: str | os.PathLike) -> nn.Module:
+    """The float32 model at ``model_dir``, as its own architecture class (so module names match
+    the checkpoint's weight names)."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(model_dir)
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
-    model = (model_class or transformers.AutoModel).from_pretrained(model_dir, dtype=torch.float32)
-    return model, transformers.AutoTokenizer.from_pretrained(model_dir)
+    return (model_class or transformers.AutoModel).from_pretrained(model_dir, dtype=torch.float32)
+
+
+def load_float_model(model_dir: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """The float32 model at ``model_dir`` (:func:`float_model`) and its tokenizer."""
+    import transformers
+
+    return float_model(model_dir), transformers.AutoTokenizer.from_pretrained(model_dir)
