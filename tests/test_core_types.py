@@ -1,8 +1,10 @@
-"""The native module's typed objects: ``QuantizeOptions`` (validated in Rust, frozen) and the
-reports ``quantize_checkpoint`` and ``quantize_4bit_searched`` return."""
+"""The native module's typed objects: ``QuantizeOptions`` (validated in Rust, frozen), the
+reports ``quantize_checkpoint`` and ``quantize_4bit_searched`` return, and the safetensors
+headers and tensor entries ``read_header`` and ``list_tensors`` return."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from qlorakit import _core
-from qlorakit.errors import QuantizationError
+from qlorakit.errors import CheckpointError, QuantizationError
 
 FORMAT = {"quant_type": "nf4", "blocksize": 64, "double_quant": True, "max_shard_bytes": 1 << 30}
 
@@ -80,3 +82,45 @@ def test_searched_buffers_report_the_offset_of_the_nested_scales() -> None:
     assert np.all(decoded > 0)
     plain = np.zeros(256, np.float32).view(np.uint8)
     assert _core.quantize_4bit_searched(values, "float32", "nf4", 64, packed, plain).offset is None
+
+
+def test_headers_and_listings_are_typed_entries(tmp_path: Path) -> None:
+    first, second = tmp_path / "model-00001-of-00002.safetensors", tmp_path / "model-00002-of-00002.safetensors"
+    save_file({"b.weight": torch.zeros(4, 6), "a.bias": torch.zeros(3, dtype=torch.bfloat16)}, str(first), {"k": "v"})
+    save_file({"c.weight": torch.zeros(2, 2, 2, dtype=torch.float16)}, str(second))
+    index = {"metadata": {}, "weight_map": {"b.weight": first.name, "a.bias": first.name, "c.weight": second.name}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    header = _core.read_header(str(first))
+    assert isinstance(header, _core.SafetensorsHeader)
+    assert header.file == str(first) and header.metadata == {"k": "v"}
+    assert "tensors=<2 entries>" in repr(header)
+    entries = {t.name: t for t in header.tensors}
+    weight, bias = entries["b.weight"], entries["a.bias"]
+    assert isinstance(weight, _core.TensorEntry)
+    assert (weight.dtype, weight.shape, weight.file, weight.end - weight.begin) == ("F32", [4, 6], str(first), 96)
+    assert (bias.dtype, bias.shape, bias.end - bias.begin) == ("BF16", [3], 6)
+    assert repr(weight).startswith('TensorEntry(name="b.weight", dtype="F32", shape=[4, 6], ')
+    with pytest.raises(AttributeError):
+        weight.name = "other"  # type: ignore[misc]
+    assert _core.read_header(str(second)).metadata == {}  # none in the header
+
+    listed = _core.list_tensors(str(tmp_path))
+    assert all(isinstance(t, _core.TensorEntry) for t in listed)
+    rows = [(t.name, t.dtype, t.shape, t.file, t.begin, t.end) for t in listed]
+    in_headers = [
+        (t.name, t.dtype, t.shape, t.file, t.begin, t.end)
+        for file in (first, second)
+        for t in _core.read_header(str(file)).tensors
+    ]
+    assert sorted(rows) == sorted(in_headers)
+    assert {(t.name, t.file) for t in listed} >= {("c.weight", str(second))}
+
+
+def test_reading_a_bad_header_is_a_checkpoint_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        _core.read_header(str(bad))
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        _core.list_tensors(str(bad))

@@ -143,7 +143,7 @@ def test_written_shapes_are_checked_against_the_plan(sources, tmp_path) -> None:
 
     qlorakit.quantize_checkpoint(sources["gpt2"], tmp_path / "out")
     plan = selection.select_tensors(
-        sources["gpt2"], [(n, d, s) for n, d, s, _ in qlorakit._core.list_tensors(str(sources["gpt2"]))], []
+        sources["gpt2"], [(t.name, t.dtype, t.shape) for t in qlorakit._core.list_tensors(str(sources["gpt2"]))], []
     )
     _check_written_shapes(tmp_path / "out", plan)  # as written: [out, in]
     name = "transformer.h.0.mlp.c_fc.weight"

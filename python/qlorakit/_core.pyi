@@ -125,11 +125,43 @@ class CheckpointError(QlorakitError): ...
 CHECKSUMS_KEY: str
 ERROR_SAMPLE_STRIDE: int
 
-def list_tensors(source: str) -> list[tuple[str, str, list[int], str]]:
-    """(name, safetensors dtype, shape, file) of every tensor of a checkpoint directory or file."""
+class TensorEntry:
+    """One tensor of a safetensors file, as its header describes it; frozen."""
 
-def read_header(path: str) -> tuple[dict[str, str], list[tuple[str, str, list[int], int, int]]]:
-    """Metadata and (name, dtype, shape, begin, end) entries of one safetensors file (validated)."""
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str:
+        """safetensors' dtype name (``F32``, ``BF16``, ``U8``, ...)."""
+    @property
+    def shape(self) -> list[int]: ...
+    @property
+    def file(self) -> str:
+        """The safetensors file holding it."""
+    @property
+    def begin(self) -> int:
+        """Start of its bytes in the file's data section (which follows the header)."""
+    @property
+    def end(self) -> int:
+        """End (exclusive) of its bytes in the file's data section."""
+
+class SafetensorsHeader:
+    """One safetensors file's header (validated); frozen."""
+
+    @property
+    def file(self) -> str: ...
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The header's ``__metadata__`` (empty without one)."""
+    @property
+    def tensors(self) -> list[TensorEntry]:
+        """Its tensors, in file order."""
+
+def list_tensors(source: str) -> list[TensorEntry]:
+    """Every tensor of a checkpoint directory or file, file by file in file order."""
+
+def read_header(path: str) -> SafetensorsHeader:
+    """The metadata and tensors of one safetensors file (validated)."""
 
 def tensor_checksums(path: str) -> dict[str, str]:
     """CRC-32 (hex) of every tensor's bytes in one safetensors file."""

@@ -246,8 +246,7 @@ def quantize_checkpoint(
         raise CheckpointError(f"{hessians}: no such Hessian file")
     source_dir = source if source.is_dir() else None
     start = time.perf_counter()
-    listing = _core.list_tensors(str(source))
-    tensors = [(name, dtype, shape) for name, dtype, shape, _ in listing]
+    tensors = [(t.name, t.dtype, t.shape) for t in _core.list_tensors(str(source))]
     plan = Plan(source_dir, tensors, skip, rule)
     options = {
         "quant_type": quant_type,
@@ -454,19 +453,19 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     root = Path(path)
     files = _safetensors_files(root)
     headers = _headers(files)
-    metadata = headers[0][1]
+    metadata = headers[0].metadata
     by_weight = _quant_states(headers)
     states, quantized = set(by_weight), list(by_weight.values())
     dtypes: dict[str, int] = {}
     params = payload = tensors = 0
-    for _, _, entries in headers:
-        for name, dtype, shape, begin, end in entries:
+    for header in headers:
+        for entry in header.tensors:
             tensors += 1
-            dtypes[dtype] = dtypes.get(dtype, 0) + 1
-            payload += end - begin
-            owner = name if name in states else name.rsplit(".", 1)[0]
-            if owner not in states and ".quant_state." not in name:
-                params += math.prod(shape)
+            dtypes[entry.dtype] = dtypes.get(entry.dtype, 0) + 1
+            payload += entry.end - entry.begin
+            owner = entry.name if entry.name in states else entry.name.rsplit(".", 1)[0]
+            if owner not in states and ".quant_state." not in entry.name:
+                params += math.prod(entry.shape)
     params += sum(math.prod(q["shape"]) for q in quantized)
     return {
         "path": str(root),
@@ -486,24 +485,25 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     }
 
 
-def _headers(files: Sequence[Path]) -> list[tuple]:
-    """``(file, metadata, entries)`` of each safetensors file (``_core.read_header``)."""
-    return [(file, *_core.read_header(str(file))) for file in files]
+def _headers(files: Sequence[Path]) -> list[_core.SafetensorsHeader]:
+    """The header of each safetensors file (``_core.read_header``)."""
+    return [_core.read_header(str(file)) for file in files]
 
 
-def _quant_states(headers: Sequence[tuple]) -> dict[str, dict]:
+def _quant_states(headers: Sequence[_core.SafetensorsHeader]) -> dict[str, dict]:
     """The quant_state JSON of every 4-bit weight in the files of ``headers`` (:func:`_headers`), by
     weight name, read straight from the bytes (no torch import: this runs in the CLI)."""
     states: dict[str, dict] = {}
-    for file, _, entries in headers:
-        wanted = [(name, begin, end) for name, _, _, begin, end in entries if QUANT_STATE_MARKER in name]
+    for header in headers:
+        wanted = [entry for entry in header.tensors if QUANT_STATE_MARKER in entry.name]
         if not wanted:
             continue
-        with open(file, "rb") as handle:
+        with open(header.file, "rb") as handle:
             data_start = 8 + int.from_bytes(handle.read(8), "little")
-            for name, begin, end in wanted:
-                handle.seek(data_start + begin)
-                states[name.split(QUANT_STATE_MARKER)[0]] = json.loads(handle.read(end - begin).decode())
+            for entry in wanted:
+                handle.seek(data_start + entry.begin)
+                state = handle.read(entry.end - entry.begin)
+                states[entry.name.split(QUANT_STATE_MARKER)[0]] = json.loads(state.decode())
     return states
 
 
@@ -538,7 +538,7 @@ def verify_checkpoint(path: str | os.PathLike, against: str | os.PathLike | None
     errors: dict[str, float] = {}
     source_tensors = _source_index(Path(against)) if against is not None else {}
     for file in files:
-        metadata, _ = _core.read_header(str(file))
+        metadata = _core.read_header(str(file)).metadata
         transposed = set(json.loads(metadata.get(f"{METADATA_PREFIX}options", "{}")).get("transposed", []))
         recorded = json.loads(metadata.get(_core.CHECKSUMS_KEY, "{}"))
         if not recorded:
@@ -576,7 +576,7 @@ def verify_checkpoint(path: str | os.PathLike, against: str | os.PathLike | None
 
 
 def _source_index(source: Path) -> dict[str, str]:
-    return {name: file for name, _, _, file in _core.list_tensors(str(source))}
+    return {entry.name: entry.file for entry in _core.list_tensors(str(source))}
 
 
 def _load_source_tensor(file: str, name: str) -> torch.Tensor:

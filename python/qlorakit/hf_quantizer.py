@@ -354,10 +354,9 @@ def _stored_dtypes(checkpoint_files: Sequence[str]) -> dict[str, tuple[str, torc
     for file in checkpoint_files:
         if not str(file).endswith(".safetensors"):
             continue
-        _, entries = _core.read_header(str(file))
-        for name, dtype, *_ in entries:
-            if dtype in SAFETENSORS_FLOAT_DTYPES:
-                stored[name] = (str(file), ELEMENT_DTYPES[SAFETENSORS_FLOAT_DTYPES[dtype]])
+        for entry in _core.read_header(str(file)).tensors:
+            if entry.dtype in SAFETENSORS_FLOAT_DTYPES:
+                stored[entry.name] = (str(file), ELEMENT_DTYPES[SAFETENSORS_FLOAT_DTYPES[entry.dtype]])
     return stored
 
 

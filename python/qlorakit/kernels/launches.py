@@ -5,7 +5,9 @@ arrays for the CPU emulation), scalars become the numpy types of the kernel's C 
 (:mod:`qlorakit.kernels.cuda_ops`) and the emulation tests build their launches here, so the tests check the
 argument lists and grids the GPU runs with, not a copy of them.
 
-Block sizes come from the ``#define`` s in the ``.cu`` files (one definition).
+Thread block sizes come from the ``#define`` s in the ``.cu`` files (one definition); the 4-bit format
+(quant_type, blocksize) is checked by the Rust core (:func:`qlorakit._core.check_format`, one validator) and
+encoded from its constants (:mod:`qlorakit.formats`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qlorakit import _core
 from qlorakit.formats import BLOCKSIZES, QUANT_TYPES
 from qlorakit.kernels.sources import CUDA_DIR
 
@@ -52,17 +55,23 @@ def source_constant(file: str, name: str) -> int:
     return int(match.group(1))
 
 
-def _blocksize_log2(blocksize: int) -> np.int32:
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"unsupported blocksize {blocksize}; expected one of {list(BLOCKSIZES)}")
-    return np.int32(blocksize.bit_length() - 1)
+#: The kernels' ``quant_type`` argument: the row of ``qk_quant_codes`` (blockwise_4bit.cuh) of each quant type.
+QUANT_TYPE_INDEX: dict[str, int] = {name: index for index, name in enumerate(QUANT_TYPES)}
+
+#: The kernels' ``blocksize_log2`` argument of each blocksize (all powers of two).
+BLOCKSIZE_LOG2: dict[int, int] = {size: size.bit_length() - 1 for size in BLOCKSIZES}
+
+
+def _format_args(quant_type: str, blocksize: int) -> tuple[np.int32, np.int32]:
+    """``(quant_type index, blocksize log2)`` as the kernels take them. Raises
+    :class:`~qlorakit.errors.QuantizationError` (the Rust core's check) unless the core knows the format."""
+    _core.check_format(quant_type, blocksize)
+    return np.int32(QUANT_TYPE_INDEX[quant_type]), np.int32(BLOCKSIZE_LOG2[blocksize])
 
 
 def _scale_args(
-    packed: object, absmax: object, nested_absmax: object | None, offset: float | None, quant_type: str
+    packed: object, absmax: object, nested_absmax: object | None, offset: float | None, quant_index: np.int32
 ) -> tuple[object, ...]:
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"unsupported quant_type {quant_type!r}")
     double_quant = nested_absmax is not None
     return (
         packed,
@@ -70,7 +79,7 @@ def _scale_args(
         nested_absmax,
         np.float32(offset if double_quant else 0.0),
         np.int32(double_quant),
-        np.int32(QUANT_TYPES.index(quant_type)),  # the row of qk_quant_codes in blockwise_4bit.cuh
+        quant_index,
     )
 
 
@@ -91,6 +100,7 @@ def dequantize_4bit_launch(
     quantization, with ``offset``), else float32 scales. Alignment: :data:`DEQUANTIZE_ALIGNMENT`."""
     if numel <= 0:
         raise ValueError("nothing to dequantize")
+    quant_index, blocksize_log2 = _format_args(quant_type, blocksize)
     threads = source_constant(DEQUANTIZE_FILE, "DEQUANT_THREADS")
     per_thread = source_constant(DEQUANTIZE_FILE, "GROUPS_PER_THREAD")
     groups = -(-numel // 8)
@@ -101,10 +111,10 @@ def dequantize_4bit_launch(
         (blocks, 1, 1),
         (threads, 1, 1),
         (
-            *_scale_args(packed, absmax, nested_absmax, offset, quant_type),
+            *_scale_args(packed, absmax, nested_absmax, offset, quant_index),
             out,
             np.int64(numel),
-            _blocksize_log2(blocksize),
+            blocksize_log2,
         ),
     )
 
@@ -132,6 +142,7 @@ def gemv_4bit_launch(
         raise ValueError(f"unsupported matrix shape [{rows}, {cols}]")
     if vectorized and cols % GEMV_VECTOR_COLS:
         raise ValueError(f"the vectorized path needs cols % {GEMV_VECTOR_COLS} == 0, got {cols}")
+    quant_index, blocksize_log2 = _format_args(quant_type, blocksize)
     warps = source_constant(GEMV_FILE, "GEMV_WARPS")
     return KernelLaunch(
         GEMV_FILE,
@@ -139,13 +150,13 @@ def gemv_4bit_launch(
         (-(-rows // warps), 1, 1),
         (32 * warps, 1, 1),
         (
-            *_scale_args(packed, absmax, nested_absmax, offset, quant_type),
+            *_scale_args(packed, absmax, nested_absmax, offset, quant_index),
             x,
             bias,
             out,
             np.int32(rows),
             np.int32(cols),
-            _blocksize_log2(blocksize),
+            blocksize_log2,
             np.int32(vectorized),
         ),
     )

@@ -1,4 +1,5 @@
-//! Bindings for whole-checkpoint quantization and safetensors header reading.
+//! Bindings for whole-checkpoint quantization and safetensors header reading (the
+//! `TensorEntry` and `SafetensorsHeader` objects).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use pyo3::prelude::*;
 use qlorakit_core::checkpoint::quant_state::QuantState;
-use qlorakit_core::checkpoint::safetensors::SafetensorsFile;
+use qlorakit_core::checkpoint::safetensors::{SafetensorsFile, TensorInfo};
 use qlorakit_core::checkpoint::{
     self, CheckpointError as CoreError, Orientation, Selection, Source,
 };
@@ -24,52 +25,90 @@ fn checkpoint_err(err: CoreError) -> PyErr {
 /// (tensors_done, tensors_total, bytes_done, bytes_total, tensor name), as the callback gets it.
 type ProgressEvent = (usize, usize, u64, u64, String);
 
-/// (name, dtype, shape, file) of one tensor.
-type TensorRow = (String, String, Vec<usize>, String);
+/// One tensor of a safetensors file, as its header describes it.
+#[pyclass(frozen, get_all, module = "qlorakit._core")]
+#[derive(Clone)]
+pub struct TensorEntry {
+    pub name: String,
+    /// safetensors' dtype name (`F32`, `BF16`, `U8`, ...).
+    pub dtype: &'static str,
+    pub shape: Vec<usize>,
+    /// The safetensors file holding it.
+    pub file: String,
+    /// Its bytes: `[begin, end)` of the file's data section (which follows the header).
+    pub begin: usize,
+    pub end: usize,
+}
 
-/// Every tensor of a checkpoint (directory or file): list of (name, dtype, shape, file).
+impl TensorEntry {
+    fn new(file: &SafetensorsFile, tensor: &TensorInfo) -> Self {
+        TensorEntry {
+            name: tensor.name.clone(),
+            dtype: tensor.dtype.name(),
+            shape: tensor.shape.clone(),
+            file: file.path.display().to_string(),
+            begin: tensor.begin,
+            end: tensor.end,
+        }
+    }
+}
+
+#[pymethods]
+impl TensorEntry {
+    fn __repr__(&self) -> String {
+        format!(
+            "TensorEntry(name={:?}, dtype={:?}, shape={:?}, file={:?}, begin={}, end={})",
+            self.name, self.dtype, self.shape, self.file, self.begin, self.end
+        )
+    }
+}
+
+/// One safetensors file's header (validated): its metadata and tensors, in file order.
+#[pyclass(frozen, get_all, module = "qlorakit._core")]
+pub struct SafetensorsHeader {
+    pub file: String,
+    /// The header's `__metadata__` (empty without one).
+    pub metadata: BTreeMap<String, String>,
+    pub tensors: Vec<TensorEntry>,
+}
+
+#[pymethods]
+impl SafetensorsHeader {
+    fn __repr__(&self) -> String {
+        format!(
+            "SafetensorsHeader(file={:?}, metadata=<{} keys>, tensors=<{} entries>)",
+            self.file,
+            self.metadata.len(),
+            self.tensors.len()
+        )
+    }
+}
+
+/// Every tensor of a checkpoint (directory or file), file by file in file order.
 #[pyfunction]
-pub fn list_tensors(py: Python<'_>, source: PathBuf) -> PyResult<Vec<TensorRow>> {
+pub fn list_tensors(py: Python<'_>, source: PathBuf) -> PyResult<Vec<TensorEntry>> {
     let source = py
         .detach(|| Source::open(&source))
         .map_err(checkpoint_err)?;
     Ok(source
         .tensors()
-        .map(|(file, t)| {
-            (
-                t.name.clone(),
-                t.dtype.name().to_string(),
-                t.shape.clone(),
-                file.path.display().to_string(),
-            )
-        })
+        .map(|(file, t)| TensorEntry::new(file, t))
         .collect())
 }
 
-/// One safetensors file's metadata and tensors: (metadata, [(name, dtype, shape, begin, end)]).
+/// One safetensors file's header: its metadata and tensors.
 #[pyfunction]
-#[allow(clippy::type_complexity)]
-pub fn read_header(
-    path: PathBuf,
-) -> PyResult<(
-    BTreeMap<String, String>,
-    Vec<(String, String, Vec<usize>, usize, usize)>,
-)> {
+pub fn read_header(path: PathBuf) -> PyResult<SafetensorsHeader> {
     let file = SafetensorsFile::open(&path).map_err(checkpoint_err)?;
-    let tensors = file
-        .tensors
-        .iter()
-        .map(|t| {
-            (
-                t.name.clone(),
-                t.dtype.name().to_string(),
-                t.shape.clone(),
-                t.begin,
-                t.end,
-            )
-        })
-        .collect();
-    Ok((file.metadata.clone(), tensors))
+    Ok(SafetensorsHeader {
+        file: file.path.display().to_string(),
+        metadata: file.metadata.clone(),
+        tensors: file
+            .tensors
+            .iter()
+            .map(|t| TensorEntry::new(&file, t))
+            .collect(),
+    })
 }
 
 /// CRC-32 of each tensor of a safetensors file, recomputed from its bytes.

@@ -446,6 +446,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<reports::TensorReport>()?;
     m.add_class::<reports::SearchReport>()?;
     m.add_class::<reports::GptqReport>()?;
+    m.add_class::<checkpoint::TensorEntry>()?;
+    m.add_class::<checkpoint::SafetensorsHeader>()?;
     m.add_function(wrap_pyfunction!(check_format, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::quantize_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::list_tensors, m)?)?;
