@@ -59,8 +59,12 @@ def print_machine(threads: int | None, other_versions: str, threads_note: str = 
         f"versions: python {platform.python_version()}, qlorakit {qlorakit.__version__}, torch {torch.__version__}, "
         f"{other_versions}"
     )
+    from qlorakit.cpu_pool import CPU_POOL_ENV, cpu_pool
+
     print(
-        f"threads: qlorakit (rayon) {n_rayon} [{source}], torch.get_num_threads() {torch.get_num_threads()}, "
+        f"threads: qlorakit offline work (rayon) {n_rayon} [{source}], qlorakit per-call kernels on "
+        f"{cpu_pool()}'s pool [{CPU_POOL_ENV}={os.environ.get(CPU_POOL_ENV, '(unset)')}], "
+        f"torch.get_num_threads() {torch.get_num_threads()}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}{threads_note}"
     )
 
