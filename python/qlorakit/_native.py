@@ -57,3 +57,31 @@ def byte_view(t: torch.Tensor, what: str) -> memoryview:
     view = (ctypes.c_uint8 * nbytes).from_address(t.data_ptr()) if nbytes else (ctypes.c_uint8 * 0)()
     view.tensor = t  # the buffer borrows the tensor's memory: keep the tensor alive as long as the buffer
     return memoryview(view).cast("B")
+
+
+#: Byte views by ``(address, bytes)``: :func:`address_view` builds one per memory region and hands it out again.
+_ADDRESS_VIEWS: dict[tuple[int, int], memoryview] = {}
+#: Regions remembered before the table starts over (a model's weights and its activation buffers fit).
+_MAX_ADDRESS_VIEWS = 8192
+
+
+def address_view(t: torch.Tensor, what: str) -> memoryview:
+    """:func:`byte_view` for the per-layer-call hot path: the view of a contiguous CPU tensor's memory, built
+    once per ``(address, size)`` and reused (building one costs more than a small layer's kernel).
+
+    The view does not keep ``t`` alive: the caller must hold ``t`` (not a temporary) until the view is no
+    longer used. A view looked up with a live tensor always covers that tensor's memory, whichever tensor the
+    region belonged to when the view was built."""
+    if t.device.type != "cpu":
+        raise QuantizationError(f"{what}: tensor is on {t.device}; the CPU core needs a CPU tensor")
+    if not t.is_contiguous():
+        raise QuantizationError(f"{what}: tensor must be contiguous (call .contiguous() first)")
+    key = (t.data_ptr(), t.numel() * t.element_size())
+    view = _ADDRESS_VIEWS.get(key)
+    if view is None:
+        if len(_ADDRESS_VIEWS) >= _MAX_ADDRESS_VIEWS:
+            _ADDRESS_VIEWS.clear()
+        address, nbytes = key
+        region = (ctypes.c_uint8 * nbytes).from_address(address) if nbytes else (ctypes.c_uint8 * 0)()
+        view = _ADDRESS_VIEWS[key] = memoryview(region).cast("B")
+    return view

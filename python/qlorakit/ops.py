@@ -111,10 +111,9 @@ def linear_4bit(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None
     device with a kernel, no torch function or dispatch mode, functorch transform or profiler active. Anywhere
     else (tracing, ``torch.compile``, FakeTensor, DTensor, autograd) the call goes through
     ``torch.ops.qlorakit.linear_4bit``; the result is the same."""
-    weight = weight_args(packed)
     if _runs_directly(x, packed.codes, bias):
-        return _linear(x, _from_args(weight, x.dtype), bias)
-    return torch.ops.qlorakit.linear_4bit(x, *weight, bias)
+        return _linear(x, packed, bias)  # the kernels take their dtype from x, as the op's do
+    return torch.ops.qlorakit.linear_4bit(x, *weight_args(packed), bias)
 
 
 #: Tensor types :func:`linear_4bit` calls its kernel directly for (no subclass overrides what an op does).

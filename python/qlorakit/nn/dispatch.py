@@ -20,11 +20,11 @@ import threading
 import torch
 
 from qlorakit import _core
-from qlorakit._native import byte_view, element_dtype_name
+from qlorakit._native import address_view, element_dtype_name
 from qlorakit.cpu_pool import share_torch_threads
 from qlorakit.errors import QlorakitError
 from qlorakit.packed import PackedWeight
-from qlorakit.quantization import core_scale_args, dequantize
+from qlorakit.quantization import decode_absmax, dequantize
 from qlorakit.tables import ELEMENT_DTYPES
 
 _CORE_DTYPES = tuple(ELEMENT_DTYPES.values())
@@ -123,20 +123,26 @@ def _gemv_cpu(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None) 
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
     out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
-    absmax, nested, offset = core_scale_args(packed)
+    # Every tensor a view is taken of is held by a local until the call returns (address_view's contract).
+    codes = packed.codes.contiguous()
+    if packed.nested_absmax is not None and packed.nested_dtype == torch.float32:
+        absmax, nested = packed.absmax.contiguous(), packed.nested_absmax.float().contiguous()
+        nested_view, offset = address_view(nested, "nested scales"), float(packed.offset)  # type: ignore[arg-type]
+    else:
+        absmax, nested_view, offset = decode_absmax(packed), None, 0.0
     share_torch_threads()
     _core.gemv_4bit(
-        byte_view(packed.codes.contiguous(), "packed"),
-        absmax,
+        address_view(codes, "packed"),
+        address_view(absmax, "absmax"),
         packed.quant_type,
         packed.blocksize,
         out_features,
         in_features,
-        byte_view(x, "x"),
+        address_view(x, "x"),
         element_dtype_name(x, "x"),
-        byte_view(out, "out"),
-        byte_view(bias, "bias") if bias is not None else None,
-        nested,
+        address_view(out, "out"),
+        address_view(bias, "bias") if bias is not None else None,
+        nested_view,
         offset,
     )
     return out
