@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlorakit import ops
+from qlorakit._core import QuantizationError
 from qlorakit.nn import Linear4bit
 
 
@@ -55,3 +56,30 @@ def test_op_runs_where_something_could_tell() -> None:
     with torch.no_grad(), torch.profiler.profile() as prof:
         module(x.detach())
     assert any(e.key == "qlorakit::linear_4bit" for e in prof.key_averages())
+
+
+def test_address_views_are_reused_per_region_and_always_cover_the_live_tensor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from qlorakit import _native
+
+    monkeypatch.setattr(_native, "_ADDRESS_VIEWS", {})
+    a = torch.arange(64, dtype=torch.uint8)
+    view = _native.address_view(a, "a")
+    assert _native.address_view(a, "a") is view  # built once per region
+    assert bytes(view) == bytes(range(64))
+    a[3] = 200  # the view is the memory, not a copy
+    assert view[3] == 200
+    # Another size at the same address, or another region: another view, over exactly that memory.
+    head = a[:16]
+    assert _native.address_view(head, "head") is not view and len(_native.address_view(head, "head")) == 16
+    b = torch.full((64,), 7, dtype=torch.uint8)
+    assert bytes(_native.address_view(b, "b")) == bytes([7] * 64)
+    # The table is bounded: it starts over when full.
+    monkeypatch.setattr(_native, "_MAX_ADDRESS_VIEWS", 3)
+    kept = [torch.zeros(8 + i, dtype=torch.uint8) for i in range(4)]
+    for t in kept:
+        _native.address_view(t, "t")
+    assert len(_native._ADDRESS_VIEWS) <= 3
+    with pytest.raises(QuantizationError, match="contiguous"):
+        _native.address_view(torch.zeros(4, 4, dtype=torch.uint8).T, "t")
