@@ -136,6 +136,26 @@ def test_load_packed_matches_transformers_on_our_output(case) -> None:
     assert_same_logits(both_modes(ours, architecture), both_modes(loaded, architecture), "load_packed vs bnb")
 
 
+def test_quantize_on_load_gives_the_model_of_our_output(case) -> None:
+    """``from_pretrained`` of the source quantizes in memory, with no checkpoint written, into the model
+    ``load_packed`` gives for our output: the same modules, tensors, config, generation config and logits."""
+    architecture = case["arch"]
+    reference = qlorakit.load_packed(case["dst"])
+    model = qlorakit.from_pretrained(case["src"])
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, Linear4bit)) == sorted(
+        n for n, m in reference.named_modules() if isinstance(m, Linear4bit)
+    )
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert set(ours) == set(theirs)
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert {**model.config.to_dict(), "_name_or_path": None} == {**reference.config.to_dict(), "_name_or_path": None}
+    if reference.can_generate():
+        assert model.generation_config.to_dict() == reference.generation_config.to_dict()
+    assert_same_logits(
+        both_modes(model, architecture), both_modes(reference, architecture), "in memory vs packed", against_bnb=False
+    )
+
+
 def test_lora_training_generation_and_peft_reload(case, tmp_path) -> None:
     from peft import PeftModel
 

@@ -4,6 +4,7 @@ loading ``qlorakit quantize``'s output gives: the same modules, bytes and logits
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import qlorakit
 from helpers.architectures import BY_NAME, Architecture, logits
-from qlorakit import scratch
+from qlorakit import in_memory, scratch
 from qlorakit.errors import CheckpointError
 from qlorakit.nn import Linear4bit
 
@@ -61,16 +62,55 @@ def scratch_leftovers(cache: Path) -> list[Path]:
     return list((cache / "loading").glob("qlorakit-load-*")) if (cache / "loading").is_dir() else []
 
 
-def test_a_full_precision_directory_loads_as_its_packed_checkpoint(case, own_cache: Path) -> None:
+def without_dtype(source: Path, destination: Path) -> Path:
+    """A copy of ``source`` whose ``config.json`` records no dtype (transformers then takes the first float
+    tensor's of the first file, which a state dict does not have: loaded through a scratch directory)."""
+    shutil.copytree(source, destination)
+    config = json.loads((destination / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        config.pop(key, None)
+    (destination / "config.json").write_text(json.dumps(config))
+    return destination
+
+
+def test_a_full_precision_directory_loads_as_its_packed_checkpoint(case, own_cache: Path, monkeypatch) -> None:
     architecture = case["arch"]
     reference = qlorakit.from_pretrained(case["packed"])
+    written = []
+    monkeypatch.setattr(qlorakit.loading, "quantize_checkpoint", lambda *a, **k: written.append(a))
     model = qlorakit.from_pretrained(case["src"])
     assert layer_names(model) == layer_names(reference) and layer_names(model)
     assert_same_state(model, reference)
-    # The scratch checkpoint is gone; the model (memory-mapped from it) still computes.
-    assert (own_cache / "loading").is_dir() and not scratch_leftovers(own_cache)
+    # Quantized in memory: no packed checkpoint was written, not even to a scratch directory.
+    assert not written and not (own_cache / "loading").exists()
+    assert model.config.name_or_path == str(case["src"])
+    assert {**model.config.to_dict(), "_name_or_path": None} == {**reference.config.to_dict(), "_name_or_path": None}
+    if reference.can_generate():
+        assert model.generation_config.to_dict() == reference.generation_config.to_dict()
     assert torch.equal(logits(model, architecture), logits(reference, architecture))
     assert all(not p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_in_memory_takes_quantize_checkpoints_options() -> None:
+    """from_pretrained checks its options against quantize_checkpoint's; the in-memory route takes them all."""
+    ours = inspect.signature(in_memory.quantize_in_memory).parameters
+    theirs = inspect.signature(qlorakit.quantize_checkpoint).parameters
+    own = ("dst", "force", "durable")
+    assert {k: (p.kind, p.default) for k, p in ours.items()} == {
+        k: (p.kind, p.default) for k, p in theirs.items() if k not in own
+    }
+
+
+def test_a_config_without_dtype_loads_through_a_scratch_directory(case, own_cache: Path, tmp_path: Path) -> None:
+    source = without_dtype(case["src"], tmp_path / "src")
+    qlorakit.quantize_checkpoint(source, tmp_path / "packed")
+    reference = qlorakit.from_pretrained(tmp_path / "packed")
+    model = qlorakit.from_pretrained(source)
+    assert layer_names(model) == layer_names(reference)
+    assert_same_state(model, reference)
+    # The scratch checkpoint is gone; the model (memory-mapped from it) still computes.
+    assert (own_cache / "loading").is_dir() and not scratch_leftovers(own_cache)
+    assert torch.equal(logits(model, case["arch"]), logits(reference, case["arch"]))
 
 
 def test_transformers_native_quantization_config_gives_the_same_bytes(case) -> None:
@@ -122,6 +162,28 @@ def test_quantize_options_reach_both_routes(options: dict, tmp_path: Path) -> No
         assert not any("down_proj" in name for name in layer_names(native))
 
 
+def test_calibrated_options_reach_the_in_memory_route(tmp_path: Path) -> None:
+    """GPTQ (in-memory Hessians, or their file) and importance-weighted scale search quantize in memory
+    into the bytes quantize_checkpoint writes with them."""
+    from qlorakit.calibration import collect_hessians
+    from qlorakit.importance import collect_importance, save_importance
+
+    architecture = BY_NAME["llama"]
+    architecture.save(tmp_path / "src")
+    model = architecture.model_class.from_pretrained(str(tmp_path / "src"), dtype=torch.float32)
+    batches = [torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))]
+    hessians = collect_hessians(model, batches)
+    importance = save_importance(collect_importance(model, batches), tmp_path / "importance.safetensors")
+    for name, options in {
+        "gptq": {"hessians": hessians},
+        "gptq-file": {"hessians": hessians.save(tmp_path / "hessians.safetensors"), "scale_search": True},
+        "importance": {"importance": importance, "scale_search": True},
+    }.items():
+        qlorakit.quantize_checkpoint(tmp_path / "src", tmp_path / name, **options)
+        reference = qlorakit.from_pretrained(tmp_path / name)
+        assert_same_state(qlorakit.from_pretrained(tmp_path / "src", **options), reference)
+
+
 def test_packed_dir_keeps_the_checkpoint_and_refuses_an_existing_one(case, tmp_path: Path) -> None:
     keep = tmp_path / "keep"
     keep.mkdir()  # an empty directory is fine
@@ -152,7 +214,7 @@ def test_transformers_native_config_on_a_packed_directory_loads_qlorakit_layers(
 
 
 class TestScratchDirectory:
-    def test_in_the_cache_and_stale_ones_removed(self, case, own_cache: Path, monkeypatch) -> None:
+    def test_in_the_cache_and_stale_ones_removed(self, case, own_cache: Path, monkeypatch, tmp_path: Path) -> None:
         stale = own_cache / "loading" / "qlorakit-load-999999999-x"
         stale.mkdir(parents=True)
         (stale / "model.safetensors").write_bytes(b"left by a killed run")
@@ -164,7 +226,7 @@ class TestScratchDirectory:
             return original(src, dst, **kwargs)
 
         monkeypatch.setattr(qlorakit.loading, "quantize_checkpoint", spy)
-        qlorakit.from_pretrained(case["src"])
+        qlorakit.from_pretrained(without_dtype(case["src"], tmp_path / "src"))
         ((destination, durable),) = seen
         assert destination.parent.parent == own_cache / "loading" and durable is False
         assert not stale.exists() and not destination.exists()

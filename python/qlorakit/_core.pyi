@@ -309,6 +309,21 @@ def quantize_checkpoint(
     into the empty directory ``out_dir``; ``progress(tensors_done, tensors_total, bytes_done,
     bytes_total, name)`` is called after each tensor."""
 
+def quantize_in_memory(
+    source: str,
+    selected: list[str],
+    options: QuantizeOptions,
+    outputs: list[tuple[str, Any, Any, Any]],
+    progress: Any = None,
+    transposed: list[str] = ...,
+) -> tuple[CheckpointReport, list[tuple[str, str]]]:
+    """Quantize the ``selected`` tensors of ``source`` (``transposed``: those stored ``[in, out]``)
+    into ``outputs``: per selected tensor (name, codes, absmax, nested), fresh writable memory
+    sized for it (``absmax`` float32, or with ``nested`` float32 scales the uint8 nested codes),
+    with the bytes ``quantize_checkpoint`` writes; nothing is written to disk and the tensors left as
+    stored are not read. Returns the report (no shards; the reconstruction error not measured) and
+    each quantized tensor's quant_state JSON by its key."""
+
 def quant_state_json(
     quant_type: str,
     blocksize: int,

@@ -1,23 +1,30 @@
 """``from_pretrained``: a model directory -> a transformers model whose quantized linears are
 ``qlorakit.nn.Linear4bit``. A packed 4-bit checkpoint loads as it is (``load_packed``), without
 materializing any quantized weight in full precision; a full-precision one is quantized while it
-loads, streamed through the Rust pipeline of ``qlorakit quantize`` (memory-mapped source, one
-tensor at a time, source pages released) into a scratch directory, loaded from there and deleted:
-the same modules and bytes as ``qlorakit quantize`` writes, and a peak memory of about the packed
-size.
+loads by the Rust pipeline of ``qlorakit quantize`` (memory-mapped source, one tensor at a time,
+source pages released), straight into the tensors the model holds (:mod:`qlorakit.in_memory`): the
+same modules and bytes as ``qlorakit quantize`` writes, nothing written to disk, and a peak memory of
+about the packed size. Where transformers would load a state dict differently from files (a
+``config.json`` without a ``dtype``, a model class with extra weight files), the packed checkpoint
+goes to a scratch directory instead, which is loaded and deleted.
 
 Loading runs through transformers' own ``from_pretrained`` with qlorakit registered as its
 quantization method (:mod:`qlorakit.hf_quantizer`): the same key renames and fusions, weight
 tying, buffer initialization and file handling (an ``adapter_model.safetensors`` or optimizer
 state beside the weights is not read) as transformers + bitsandbytes, so every directory they
-load — qlorakit's output or one transformers + bitsandbytes saved — loads here too.
+load — qlorakit's output or one transformers + bitsandbytes saved — loads here too. Python's
+cyclic garbage collector is paused while it runs (transformers' loading makes many objects and
+little garbage; collecting would scan the whole heap over and over).
 """
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +58,10 @@ def from_pretrained(
     (:func:`qlorakit.quantize_checkpoint`; ``quantize_options`` are its options: ``quant_type``,
     ``blocksize``, ``double_quant``, ``skip``, ``rule``, ``scale_search``, ``importance``,
     ``threads``, ``progress``, ...). ``packed_dir``: keep the packed checkpoint there (an existing
-    non-empty directory is replaced only with ``force=True``); otherwise it is written to a scratch
-    directory (:mod:`qlorakit.scratch`) and deleted once loaded.
+    non-empty directory is replaced only with ``force=True``); otherwise nothing is written: the
+    pipeline quantizes into the tensors the model holds (:func:`qlorakit.in_memory.quantize_in_memory`;
+    for the few directories transformers would load differently from a state dict, into a scratch
+    directory, :mod:`qlorakit.scratch`, deleted once loaded).
 
     ``compute_dtype``: the dtype the 4-bit layers compute in; default the checkpoint's recorded
     ``bnb_4bit_compute_dtype`` (bfloat16 for one quantized here).
@@ -75,6 +84,9 @@ def from_pretrained(
             target.rmdir()  # an empty directory holds nothing to lose
         quantize_checkpoint(directory, target, force=force, **options)
         return load_packed(target, device, compute_dtype)
+    config = _source_config(directory)
+    if _loads_as_state_dict(config):
+        return _load_in_memory(directory, config, device, compute_dtype, options)
     from qlorakit.scratch import scratch_directory
 
     with scratch_directory() as scratch:
@@ -139,26 +151,47 @@ def load_packed(
     checkpoint, a model class transformers does not know, or a tensor missing, unexpected or
     misshapen for the model.
     """
-    from qlorakit import hf_rules
-    from qlorakit.hf_quantizer import QuantizationConfig
-
     directory = Path(path)
     config = _packed_config(directory)
-    bnb_config = config.quantization_config
-    # transformers dispatches on the dict's quant_method (a config object there is not read); to_dict()
-    # would give bitsandbytes' dict, which is what a saved model writes.
-    config.quantization_config = QuantizationConfig.from_bnb(bnb_config, compute_dtype).loader_dict()
-    model_class = hf_rules.model_class(config, directory)
-    model, info = model_class.from_pretrained(
+    return _load(
+        directory,
+        config,
+        device,
+        compute_dtype,
         str(directory),
-        config=config,
-        device_map={"": str(torch.device(device))},
-        output_loading_info=True,
         # transformers (with PEFT installed) loads an adapter it finds beside the weights; this loads
         # the base alone (adapters go on with load_adapter), so its adapter lookup is pointed at a
         # subfolder that does not exist.
         adapter_kwargs={"subfolder": _NO_ADAPTER_SUBFOLDER},
     )
+
+
+def _load(
+    directory: Path,
+    config: Any,  # noqa: ANN401 (a transformers PretrainedConfig)
+    device: str | torch.device,
+    compute_dtype: torch.dtype | None,
+    pretrained: str | None,
+    **load_options: Any,
+) -> nn.Module:
+    """transformers' ``from_pretrained`` of the model ``config`` describes (its ``quantization_config``
+    bitsandbytes' 4-bit dict) with qlorakit's quantizer: from the files of ``pretrained``, or, with
+    ``state_dict=`` among ``load_options``, from that. ``directory`` names the checkpoint in errors."""
+    from qlorakit import hf_rules
+    from qlorakit.hf_quantizer import QuantizationConfig
+
+    # transformers dispatches on the dict's quant_method (a config object there is not read); to_dict()
+    # would give bitsandbytes' dict, which is what a saved model writes.
+    config.quantization_config = QuantizationConfig.from_bnb(config.quantization_config, compute_dtype).loader_dict()
+    model_class = hf_rules.model_class(config, directory)
+    with _collection_paused():
+        model, info = model_class.from_pretrained(
+            pretrained,
+            config=config,
+            device_map={"": str(torch.device(device))},
+            output_loading_info=True,
+            **load_options,
+        )
     problems = [
         *(f"missing tensor '{k}'" for k in sorted(info["missing_keys"])),
         *(f"tensor '{k}' matches no parameter of {model_class.__name__}" for k in sorted(info["unexpected_keys"])),
@@ -172,6 +205,68 @@ def load_packed(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+def _source_config(directory: Path):  # noqa: ANN202 (a transformers PretrainedConfig)
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(str(directory))
+
+
+def _loads_as_state_dict(config: Any) -> bool:  # noqa: ANN401 (a transformers PretrainedConfig)
+    """Whether transformers loads this model from a state dict as it would from its files: not when
+    ``config.json`` records no ``dtype`` (transformers then takes the first float tensor's dtype in the
+    first file, which a state dict does not have) nor for a class with extra weight files
+    (``extra_files``, looked up beside the checkpoint)."""
+    return getattr(config, "dtype", None) is not None and not getattr(type(config), "extra_files", ())
+
+
+def _load_in_memory(
+    directory: Path,
+    config: Any,  # noqa: ANN401 (a transformers PretrainedConfig)
+    device: str | torch.device,
+    compute_dtype: torch.dtype | None,
+    options: dict[str, Any],
+) -> nn.Module:
+    """Quantizes ``directory`` into the tensors of the model it loads as: the model ``load_packed``
+    gives for the directory ``qlorakit quantize`` would write, its ``name_or_path`` the source."""
+    from qlorakit.in_memory import quantize_in_memory
+
+    with _collection_paused():
+        packed = quantize_in_memory(directory, **options)
+    try:
+        config.quantization_config = packed.quantization_config
+        model = _load(directory, config, device, compute_dtype, None, state_dict=packed.state_dict)
+    finally:
+        packed.close()
+    model.config.name_or_path = str(directory)
+    if model.can_generate():
+        # What loading from a directory reads (generation_config.json, else config.json); a state dict
+        # has neither.
+        model.generation_config = _generation_config(directory)
+    return model
+
+
+def _generation_config(directory: Path):  # noqa: ANN202 (a transformers GenerationConfig)
+    """The generation config transformers' ``from_pretrained`` gives a model it loads from ``directory``."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(directory))
+    except OSError:
+        return GenerationConfig.from_pretrained(str(directory), config_file_name="config.json", _from_model_config=True)
+
+
+@contextmanager
+def _collection_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (as it was, after)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _packed_config(directory: Path):  # noqa: ANN202 (a transformers PretrainedConfig)

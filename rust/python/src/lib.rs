@@ -7,6 +7,7 @@
 
 mod checkpoint;
 mod gptq;
+mod loading;
 mod options;
 mod reports;
 
@@ -450,6 +451,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<checkpoint::SafetensorsHeader>()?;
     m.add_function(wrap_pyfunction!(check_format, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::quantize_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(loading::quantize_in_memory, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::list_tensors, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::quant_state_json, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::read_header, m)?)?;

@@ -74,6 +74,10 @@ pub enum CheckpointError {
 
     #[error("tensor '{tensor}' was selected for quantization but {reason}")]
     BadSelection { tensor: String, reason: String },
+
+    /// Memory given to quantize a tensor into that does not fit it (a caller's bug).
+    #[error("tensor '{tensor}': output memory {reason}")]
+    BadOutput { tensor: String, reason: String },
 }
 
 impl CheckpointError {

@@ -11,7 +11,7 @@ pub mod writer;
 
 pub use error::CheckpointError;
 pub use pipeline::{
-    quantize_checkpoint, Options, Orientation, Progress, Report, Selection, TensorReport,
-    ERROR_SAMPLE_STRIDE,
+    quantize_checkpoint, quantize_in_memory, MemoryReport, Options, Orientation, Progress, Report,
+    Selection, TensorReport, WeightOut, ERROR_SAMPLE_STRIDE,
 };
 pub use source::Source;

@@ -2,6 +2,10 @@
 //! time, selected 2-D weights are quantized (multithreaded) and written as bitsandbytes'
 //! serialization, every other tensor is copied unchanged, and output shards are written
 //! as the work proceeds. Memory holds the current tensor's outputs, not the model.
+//!
+//! [`quantize_in_memory`] runs the same per-tensor work into memory the caller provides for
+//! each selected tensor (what a loader keeps), with no shards: the same bytes, written once,
+//! and the tensors that stay as stored are neither read nor copied.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -19,11 +23,10 @@ use super::safetensors::{Dtype, SafetensorsFile, TensorInfo};
 use super::source::{Source, INDEX_FILE, SINGLE_FILE};
 use super::writer::{EntrySpec, ShardWriter};
 use crate::codebook::QuantType;
-use crate::double_quant::double_quantize;
 use crate::element::Element;
 use crate::gptq::{quantize_4bit_gptq, GptqReport, HessianFactor};
 use crate::layout::{nested_blocks, packed_len, Blocksize};
-use crate::packed::{PackedView, Scales, ScalesMut};
+use crate::packed::{BlockScales, PackedView, ScalesMut};
 use crate::quantize::quantize_4bit;
 use crate::scale_search::{quantize_4bit_searched, Importance, SearchReport};
 
@@ -152,14 +155,7 @@ pub fn quantize_checkpoint(
         .iter()
         .map(|p| (p.info.end - p.info.begin) as u64)
         .sum();
-    let importance = match (&options.importance, options.scale_search) {
-        (Some(path), true) => Some(ImportanceFile::open(path)?),
-        _ => None,
-    };
-    let mut hessians = match &options.hessians {
-        Some(path) => Some(HessianFile::open(path, options.gptq_damp)?),
-        None => None,
-    };
+    let (importance, mut hessians) = calibration(options)?;
     let mut work = Workspace::default();
     let mut reports = Vec::with_capacity(plan.len());
     let mut shard_files = Vec::with_capacity(shard_count);
@@ -197,15 +193,15 @@ pub fn quantize_checkpoint(
         )?;
         for &i in members {
             let planned = &plan[i];
-            planned.file.prefetch(planned.info);
             let report = if planned.quantize {
-                work.quantize_into(
+                let (report, _) = work.quantize_into(
                     planned,
                     options,
                     importance.as_ref(),
                     hessians.as_mut(),
-                    &mut writer,
-                )?
+                    Target::Shard(&mut writer),
+                )?;
+                report
             } else {
                 copy_into(planned, &mut writer)?
             };
@@ -354,31 +350,170 @@ fn assign_shards(plan: &[Planned<'_>], max_bytes: u64) -> Vec<Vec<usize>> {
 fn copy_into(planned: &Planned<'_>, writer: &mut ShardWriter) -> Result<TensorReport> {
     let bytes = planned.file.bytes(planned.info);
     writer.write(&planned.info.name, bytes)?;
-    Ok(TensorReport {
+    Ok(kept_report(planned, bytes.len() as u64))
+}
+
+/// The report of a tensor left as stored (`bytes_out`: what the output holds of it).
+fn kept_report(planned: &Planned<'_>, bytes_out: u64) -> TensorReport {
+    TensorReport {
         name: planned.info.name.clone(),
         quantized: false,
         params: planned.info.numel() as u64,
-        bytes_in: bytes.len() as u64,
-        bytes_out: bytes.len() as u64,
+        bytes_in: (planned.info.end - planned.info.begin) as u64,
+        bytes_out,
         squared_error: 0.0,
         squared_norm: 0.0,
         nested_offset: None,
         search: None,
         gptq: None,
+    }
+}
+
+/// Memory one selected tensor is quantized into (see [`quantize_in_memory`]): its packed
+/// codes (`packed_len(numel)` bytes) and block scales (float32 absmax, or with double
+/// quantization the nested codes and scales; the offset is set when they are written).
+#[derive(Debug)]
+pub struct WeightOut<'a> {
+    pub codes: &'a mut [u8],
+    pub scales: ScalesMut<'a>,
+}
+
+impl WeightOut<'_> {
+    /// The written codes and scales as a packed tensor of `shape`.
+    fn view<'v>(&'v self, options: &Options, shape: &'v [usize]) -> crate::Result<PackedView<'v>> {
+        PackedView::new(
+            self.codes,
+            self.scales.view(),
+            options.quant_type,
+            options.blocksize,
+            shape,
+        )
+    }
+}
+
+/// The outcome of [`quantize_in_memory`].
+#[derive(Debug, Clone)]
+pub struct MemoryReport {
+    /// Every source tensor, in source order (`bytes_out` as a checkpoint would store it; the
+    /// reconstruction error is not measured: `squared_error` and `squared_norm` are 0).
+    pub tensors: Vec<TensorReport>,
+    /// The quant_state JSON of each quantized tensor, by its key (`X.weight.quant_state.bitsandbytes__nf4`),
+    /// byte-for-byte what a checkpoint stores.
+    pub quant_states: Vec<(String, String)>,
+    pub seconds: f64,
+}
+
+/// Quantizes the selected tensors of `source` into `outputs` (one entry per selected
+/// tensor, sized for it; each is used once), exactly as [`quantize_checkpoint`] writes
+/// them; the tensors that stay as stored are not read. `progress` is called after each
+/// tensor; returning `false` stops the run with [`CheckpointError::Cancelled`].
+pub fn quantize_in_memory(
+    source: &Source,
+    selected: &Selection,
+    options: &Options,
+    mut outputs: HashMap<String, WeightOut<'_>>,
+    progress: &mut dyn FnMut(Progress<'_>) -> bool,
+) -> Result<MemoryReport> {
+    let start = Instant::now();
+    let plan = plan_tensors(source, selected, options)?;
+    if let Some(name) = outputs.keys().find(|name| !selected.contains_key(*name)) {
+        return Err(CheckpointError::BadOutput {
+            tensor: name.clone(),
+            reason: "given for a tensor that is not selected".into(),
+        });
+    }
+    // Every output checked before any work is done.
+    for planned in plan.iter().filter(|p| p.quantize) {
+        let name = &planned.info.name;
+        let out = outputs
+            .get(name)
+            .ok_or_else(|| CheckpointError::BadOutput {
+                tensor: name.clone(),
+                reason: "no output memory was given for it".into(),
+            })?;
+        check_output(out, name, planned.info.numel(), options)?;
+    }
+    let bytes_total: u64 = plan
+        .iter()
+        .map(|p| (p.info.end - p.info.begin) as u64)
+        .sum();
+    let (importance, mut hessians) = calibration(options)?;
+    let mut work = Workspace::default();
+    let mut reports = Vec::with_capacity(plan.len());
+    let mut quant_states = Vec::with_capacity(selected.len());
+    let mut bytes_done = 0u64;
+    for planned in &plan {
+        let report = if planned.quantize {
+            let name = &planned.info.name;
+            let out = outputs
+                .remove(name)
+                .ok_or_else(|| CheckpointError::Internal(format!("no output for '{name}'")))?;
+            let (report, state) = work.quantize_into(
+                planned,
+                options,
+                importance.as_ref(),
+                hessians.as_mut(),
+                Target::Memory(out),
+            )?;
+            planned.file.release(planned.info);
+            quant_states.push(state);
+            report
+        } else {
+            kept_report(planned, (planned.info.end - planned.info.begin) as u64)
+        };
+        bytes_done += report.bytes_in;
+        reports.push(report);
+        let carry_on = progress(Progress {
+            tensors_done: reports.len(),
+            tensors_total: plan.len(),
+            bytes_done,
+            bytes_total,
+            tensor: &planned.info.name,
+        });
+        if !carry_on {
+            return Err(CheckpointError::Cancelled);
+        }
+    }
+    Ok(MemoryReport {
+        tensors: reports,
+        quant_states,
+        seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The importance vectors (with scale search) and calibration Hessians `options` name.
+fn calibration(options: &Options) -> Result<(Option<ImportanceFile>, Option<HessianFile>)> {
+    let importance = match (&options.importance, options.scale_search) {
+        (Some(path), true) => Some(ImportanceFile::open(path)?),
+        _ => None,
+    };
+    let hessians = match &options.hessians {
+        Some(path) => Some(HessianFile::open(path, options.gptq_damp)?),
+        None => None,
+    };
+    Ok((importance, hessians))
+}
+
+/// Where a quantized tensor goes: into a shard (its outputs staged in the workspace's
+/// buffers first), or straight into caller memory.
+enum Target<'w, 'o> {
+    Shard(&'w mut ShardWriter),
+    Memory(WeightOut<'o>),
 }
 
 /// Buffers reused from tensor to tensor.
 #[derive(Default)]
 struct Workspace {
     encoded: Encoded,
+    /// Float32 block scales before double quantization.
+    absmax: Vec<f32>,
     decoded_absmax: Vec<f32>,
     aligned: Vec<u32>,
     bytes: Vec<u8>,
 }
 
 /// The current tensor's packed codes and block scales (float32 `absmax`, or the nested
-/// `codes`/`scales` of double quantization).
+/// `codes`/`scales` of double quantization), on their way into a shard.
 #[derive(Default)]
 struct Encoded {
     packed: Vec<u8>,
@@ -387,16 +522,44 @@ struct Encoded {
     scales: Vec<f32>,
 }
 
+impl Encoded {
+    /// These buffers sized for a tensor of `numel` elements, as its [`WeightOut`].
+    fn target(&mut self, numel: usize, options: &Options) -> WeightOut<'_> {
+        let blocks = options.blocksize.blocks(numel);
+        self.packed.resize(packed_len(numel), 0);
+        let scales = if options.double_quant {
+            self.codes.resize(blocks, 0);
+            self.scales.resize(nested_blocks(blocks), 0.0);
+            BlockScales::Nested {
+                codes: &mut self.codes[..],
+                scales: &mut self.scales[..],
+                offset: 0.0,
+            }
+        } else {
+            self.absmax.resize(blocks, 0.0);
+            BlockScales::Plain(&mut self.absmax[..])
+        };
+        WeightOut {
+            codes: &mut self.packed,
+            scales,
+        }
+    }
+}
+
 impl Workspace {
+    /// Quantizes one selected tensor into `target`; returns its report and its quant_state
+    /// (key and JSON).
     fn quantize_into(
         &mut self,
         planned: &Planned<'_>,
         options: &Options,
         importance: Option<&ImportanceFile>,
         hessians: Option<&mut HessianFile>,
-        writer: &mut ShardWriter,
-    ) -> Result<TensorReport> {
+        target: Target<'_, '_>,
+    ) -> Result<(TensorReport, (String, String))> {
         let info = planned.info;
+        // Not mapped ahead (MADV_POPULATE_READ): its pages fault in on the threads that read
+        // them, in parallel, which is faster than mapping them all from this one thread first.
         let raw = planned.file.bytes(info);
         let in_features = planned.quantized_shape()[1];
         let factor = match hessians {
@@ -414,15 +577,15 @@ impl Workspace {
         let report = match info.dtype {
             Dtype::F32 => {
                 let values = typed::<f32>(raw, &mut aligned);
-                self.quantize_typed(values, planned, options, weights, factor, writer)
+                self.quantize_typed(values, planned, options, weights, factor, target)
             }
             Dtype::BF16 => {
                 let values = typed::<bf16>(raw, &mut aligned);
-                self.quantize_typed(values, planned, options, weights, factor, writer)
+                self.quantize_typed(values, planned, options, weights, factor, target)
             }
             Dtype::F16 => {
                 let values = typed::<f16>(raw, &mut aligned);
-                self.quantize_typed(values, planned, options, weights, factor, writer)
+                self.quantize_typed(values, planned, options, weights, factor, target)
             }
             other => Err(CheckpointError::BadSelection {
                 tensor: info.name.clone(),
@@ -433,7 +596,8 @@ impl Workspace {
         report
     }
 
-    /// Quantizes `values` (the tensor `planned`) and writes bitsandbytes' tensors for it.
+    /// Quantizes `values` (the tensor `planned`) into `target` (for a shard: into the
+    /// workspace, then bitsandbytes' tensors written from there).
     fn quantize_typed<T: Element>(
         &mut self,
         values: &[T],
@@ -441,8 +605,8 @@ impl Workspace {
         options: &Options,
         weights: Option<&[f32]>,
         factor: Option<&HessianFactor>,
-        writer: &mut ShardWriter,
-    ) -> Result<TensorReport> {
+        target: Target<'_, '_>,
+    ) -> Result<(TensorReport, (String, String))> {
         let info = planned.info;
         let shape = planned.quantized_shape();
         let transposed;
@@ -458,149 +622,170 @@ impl Workspace {
             tensor: info.name.clone(),
             source,
         };
-        let (weight, (search, gptq)) = self
-            .encoded
-            .quantize(values, &shape, options, weights, factor)
-            .map_err(context)?;
-        let json_len = write_weight(&info.name, &weight, info.dtype, writer, &mut self.bytes)?;
-        // The sampled error is measured against the scales as they decode.
-        let scales = weight
-            .scales()
-            .decoded_in(&mut self.decoded_absmax)
-            .map_err(context)?;
-        let (squared_error, squared_norm) = sampled_error(values, &weight, scales, options);
-        Ok(TensorReport {
+        // A loader has no use for the reconstruction error: only a checkpoint run measures it.
+        let measure_error = matches!(target, Target::Shard(_));
+        let (mut out, writer) = match target {
+            Target::Shard(writer) => (self.encoded.target(values.len(), options), Some(writer)),
+            Target::Memory(out) => (out, None),
+        };
+        check_output(&out, &info.name, values.len(), options)?;
+        let (search, gptq) = encode(
+            values,
+            &shape,
+            options,
+            weights,
+            factor,
+            &mut out,
+            &mut self.absmax,
+        )
+        .map_err(context)?;
+        let weight = out.view(options, &shape).map_err(context)?;
+        let state = quant_state(&info.name, &weight, info.dtype);
+        if let Some(writer) = writer {
+            write_weight(&info.name, &weight, writer, &mut self.bytes)?;
+            writer.push_variable(state.0.clone(), state.1.clone().into_bytes());
+        }
+        let (squared_error, squared_norm) = if measure_error {
+            // The sampled error is measured against the scales as they decode.
+            let scales = weight
+                .scales()
+                .decoded_in(&mut self.decoded_absmax)
+                .map_err(context)?;
+            sampled_error(values, &weight, scales, options)
+        } else {
+            (0.0, 0.0)
+        };
+        let report = TensorReport {
             name: info.name.clone(),
             quantized: true,
             params: weight.numel() as u64,
             bytes_in: (info.end - info.begin) as u64,
-            bytes_out: entries_bytes(&planned.outputs) + json_len as u64,
+            bytes_out: entries_bytes(&planned.outputs) + state.1.len() as u64,
             squared_error,
             squared_norm,
             nested_offset: weight.scales().offset(),
             search,
             gptq,
-        })
+        };
+        Ok((report, state))
     }
 }
 
-/// What [`Encoded::quantize`] ran: scale search's or GPTQ's report, if either.
+/// Refuses caller memory that does not fit a tensor of `numel` elements with `options`.
+fn check_output(out: &WeightOut<'_>, name: &str, numel: usize, options: &Options) -> Result<()> {
+    let bad = |reason: String| CheckpointError::BadOutput {
+        tensor: name.to_string(),
+        reason,
+    };
+    if out.codes.len() != packed_len(numel) {
+        return Err(bad(format!(
+            "holds {} bytes of codes, {} needed",
+            out.codes.len(),
+            packed_len(numel)
+        )));
+    }
+    let blocks = options.blocksize.blocks(numel);
+    match (&out.scales, options.double_quant) {
+        (BlockScales::Plain(absmax), false) if absmax.len() == blocks => Ok(()),
+        (BlockScales::Nested { codes, scales, .. }, true)
+            if codes.len() == blocks && scales.len() == nested_blocks(blocks) =>
+        {
+            Ok(())
+        }
+        _ => Err(bad(format!(
+            "does not hold the {} scales of {blocks} blocks",
+            if options.double_quant {
+                "double-quantized"
+            } else {
+                "float32"
+            }
+        ))),
+    }
+}
+
+/// What [`encode`] ran: scale search's or GPTQ's report, if either.
 type Outcome = (Option<SearchReport>, Option<GptqReport>);
 
-impl Encoded {
-    /// Quantizes `values` (of `shape`) with `options` into these buffers and returns them
-    /// as a view, with scale search's or GPTQ's report when one ran. With a Hessian
-    /// `factor` the tensor is quantized with GPTQ (`importance` then unused).
-    fn quantize<'a, T: Element>(
-        &'a mut self,
-        values: &[T],
-        shape: &'a [usize],
-        options: &Options,
-        importance: Option<&[f32]>,
-        factor: Option<&HessianFactor>,
-    ) -> crate::Result<(PackedView<'a>, Outcome)> {
-        let (quant_type, blocksize) = (options.quant_type, options.blocksize);
-        let blocks = blocksize.blocks(values.len());
-        self.packed.resize(packed_len(values.len()), 0);
-        self.absmax.resize(blocks, 0.0);
-        let (outcome, offset) = if let Some(factor) = factor {
-            let mut scales =
-                scale_store(options, &mut self.absmax, &mut self.codes, &mut self.scales);
-            let report = quantize_4bit_gptq(
-                values,
-                shape[0],
-                factor,
-                quant_type,
-                blocksize,
-                options.scale_search,
-                &mut self.packed,
-                &mut scales,
-            )?;
-            ((None, Some(report)), scales.offset())
-        } else if options.scale_search {
-            let importance = importance.map(Importance::new).transpose()?;
-            let mut scales =
-                scale_store(options, &mut self.absmax, &mut self.codes, &mut self.scales);
-            let report = quantize_4bit_searched(
-                values,
-                quant_type,
-                blocksize,
-                importance,
-                &mut self.packed,
-                &mut scales,
-            )?;
-            ((Some(report), None), scales.offset())
-        } else {
-            quantize_4bit(
-                values,
-                quant_type,
-                blocksize,
-                &mut self.packed,
-                &mut self.absmax,
-            )?;
-            let offset = if options.double_quant {
-                self.codes.resize(blocks, 0);
-                self.scales.resize(nested_blocks(blocks), 0.0);
-                Some(double_quantize(
-                    &self.absmax,
-                    &mut self.codes,
-                    &mut self.scales,
-                )?)
-            } else {
-                None
-            };
-            ((None, None), offset)
-        };
-        let scales = match offset {
-            Some(offset) => Scales::Nested {
-                codes: &self.codes,
-                scales: &self.scales,
-                offset,
-            },
-            None => Scales::Plain(&self.absmax),
-        };
-        let view = PackedView::new(&self.packed, scales, quant_type, blocksize, shape)?;
-        Ok((view, outcome))
-    }
-}
-
-/// Where searched or GPTQ scales go: `absmax` as floats, or with double quantization the
-/// nested `codes`/`scales` (resized to `absmax`'s block count; the offset set when stored).
-fn scale_store<'a>(
+/// Quantizes `values` (of `shape`) with `options` into `out`, with scale search's or
+/// GPTQ's report when one ran (`absmax`: scratch for float32 scales that are then
+/// double-quantized). With a Hessian `factor` the tensor is quantized with GPTQ
+/// (`importance` then unused).
+fn encode<T: Element>(
+    values: &[T],
+    shape: &[usize],
     options: &Options,
-    absmax: &'a mut [f32],
-    codes: &'a mut Vec<u8>,
-    scales: &'a mut Vec<f32>,
-) -> ScalesMut<'a> {
-    if options.double_quant {
-        codes.resize(absmax.len(), 0);
-        scales.resize(nested_blocks(absmax.len()), 0.0);
-        ScalesMut::Nested {
-            codes,
-            scales,
-            offset: 0.0,
-        }
-    } else {
-        ScalesMut::Plain(absmax)
+    importance: Option<&[f32]>,
+    factor: Option<&HessianFactor>,
+    out: &mut WeightOut<'_>,
+    absmax: &mut Vec<f32>,
+) -> crate::Result<Outcome> {
+    let (quant_type, blocksize) = (options.quant_type, options.blocksize);
+    if let Some(factor) = factor {
+        let report = quantize_4bit_gptq(
+            values,
+            shape[0],
+            factor,
+            quant_type,
+            blocksize,
+            options.scale_search,
+            out.codes,
+            &mut out.scales,
+        )?;
+        return Ok((None, Some(report)));
     }
+    if options.scale_search {
+        let importance = importance.map(Importance::new).transpose()?;
+        let report = quantize_4bit_searched(
+            values,
+            quant_type,
+            blocksize,
+            importance,
+            out.codes,
+            &mut out.scales,
+        )?;
+        return Ok((Some(report), None));
+    }
+    match &mut out.scales {
+        BlockScales::Plain(plain) => {
+            quantize_4bit(values, quant_type, blocksize, out.codes, plain)?
+        }
+        nested => {
+            absmax.resize(blocksize.blocks(values.len()), 0.0);
+            quantize_4bit(values, quant_type, blocksize, out.codes, absmax)?;
+            nested.store(absmax)?;
+        }
+    }
+    Ok((None, None))
 }
 
-/// Writes bitsandbytes' tensors for the quantized weight `name` (source dtype `dtype`) and
-/// its quant_state; returns the length of the quant_state JSON.
+/// The quant_state of the quantized weight `name` (source dtype `dtype`): its key and JSON.
+fn quant_state(name: &str, weight: &PackedView<'_>, dtype: Dtype) -> (String, String) {
+    let state = QuantState {
+        quant_type: weight.quant_type(),
+        blocksize: weight.blocksize(),
+        dtype: dtype.torch_name().unwrap_or("float32"),
+        shape: weight.shape(),
+        nested_offset: weight.scales().offset(),
+        nested_dtype: "float32",
+    };
+    (state.key(name), state.to_json())
+}
+
+/// Writes bitsandbytes' fixed-size tensors for the quantized weight `name` (its quant_state
+/// goes in with [`ShardWriter::push_variable`]).
 fn write_weight(
     name: &str,
     weight: &PackedView<'_>,
-    dtype: Dtype,
     writer: &mut ShardWriter,
     bytes: &mut Vec<u8>,
-) -> Result<usize> {
+) -> Result<()> {
     let quant_type = weight.quant_type();
     writer.write(
         &format!("{name}.quant_map"),
         f32_bytes(&quant_type.codebook().values, bytes),
     )?;
     match weight.scales() {
-        Scales::Nested { codes, scales, .. } => {
+        BlockScales::Nested { codes, scales, .. } => {
             writer.write(&format!("{name}.absmax"), codes)?;
             writer.write(&format!("{name}.nested_absmax"), f32_bytes(scales, bytes))?;
             writer.write(
@@ -608,23 +793,11 @@ fn write_weight(
                 f32_bytes(&crate::dynamic_map(), bytes),
             )?;
         }
-        Scales::Plain(absmax) => {
+        BlockScales::Plain(absmax) => {
             writer.write(&format!("{name}.absmax"), f32_bytes(absmax, bytes))?;
         }
     }
-    writer.write(name, weight.codes())?;
-    let state = QuantState {
-        quant_type,
-        blocksize: weight.blocksize(),
-        dtype: dtype.torch_name().unwrap_or("float32"),
-        shape: weight.shape(),
-        nested_offset: weight.scales().offset(),
-        nested_dtype: "float32",
-    };
-    let json = state.to_json().into_bytes();
-    let json_len = json.len();
-    writer.push_variable(state.key(name), json);
-    Ok(json_len)
+    writer.write(name, weight.codes())
 }
 
 /// Squared reconstruction error and squared norm of `weight` (its scales decoded as

@@ -155,19 +155,6 @@ impl SafetensorsFile {
         &self.mmap[self.data_start + info.begin..self.data_start + info.end]
     }
 
-    /// Maps a tensor's pages in one call before it is read (one kernel entry instead of a
-    /// page fault per 4 KiB page; the pages are usually in the page cache already).
-    pub fn prefetch(&self, info: &TensorInfo) {
-        let page = 4096;
-        let start = (self.data_start + info.begin) / page * page;
-        let end = self.data_start + info.end;
-        if end > start {
-            let _ = self
-                .mmap
-                .advise_range(Advice::PopulateRead, start, end - start);
-        }
-    }
-
     /// Tells the kernel this process is done with a tensor's pages, so they stop counting
     /// toward its resident memory (they stay in the page cache).
     pub fn release(&self, info: &TensorInfo) {

@@ -1,0 +1,252 @@
+"""Quantize on load without a scratch checkpoint: the packed checkpoint ``qlorakit quantize`` would
+write, as a state dict in memory.
+
+:func:`quantize_in_memory` takes ``quantize_checkpoint``'s options and makes its decisions the same
+way (the same option checks, the same plan of which tensors to quantize and how, the same shape
+checks, the same ``quantization_config``), then runs the same Rust pipeline code, which quantizes
+each selected tensor straight into the tensors the loaded model will hold: the bytes a shard would
+store, written once, in parallel. The tensors kept as stored are neither read nor copied: they are
+handed over as lazy slices of the memory-mapped source files, as transformers reads any checkpoint.
+Memory then holds the packed tensors (and the source pages of the one tensor being quantized, which
+are released after it), not a full-precision copy and not a second copy in a scratch file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from qlorakit import _core
+from qlorakit._core import CheckpointError
+from qlorakit._native import byte_view
+from qlorakit.checkpoint import ProgressCallback, _PlanChanged, parse_size
+from qlorakit.formats import DEFAULT_BLOCKSIZE, DEFAULT_MAX_SHARD_SIZE, NESTED_BLOCKSIZE
+from qlorakit.hf_files import COMPUTE_DTYPES, quantization_config
+from qlorakit.progress import ProgressBar
+from qlorakit.selection import Plan, Selection, same_work
+from qlorakit.tables import code_table, dynamic_map
+
+if TYPE_CHECKING:
+    from qlorakit.calibration import Hessians
+
+
+@dataclass
+class PackedState:
+    """A packed checkpoint in memory: what loading its directory would read."""
+
+    #: Every tensor under its checkpoint key, in key order: the quantized weights' bitsandbytes
+    #: serialization (torch tensors), the rest as slices of the source files (``safe_open``'s lazy
+    #: ``get_slice``, which transformers reads as it reads a file's).
+    state_dict: dict[str, Any]
+    #: The ``quantization_config`` its ``config.json`` would record.
+    quantization_config: dict
+    selection: Selection
+    report: _core.CheckpointReport
+    seconds: float
+    _files: ExitStack = field(default_factory=ExitStack, repr=False)
+
+    def close(self) -> None:
+        """Closes the source files (tensors already loaded from them stay valid)."""
+        self._files.close()
+
+
+def quantize_in_memory(
+    src: str | os.PathLike,
+    *,
+    quant_type: str = "nf4",
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    double_quant: bool = True,
+    compute_dtype: str = "bf16",
+    skip: Sequence[str] = (),
+    rule: str = "transformers",
+    scale_search: bool = False,
+    importance: str | os.PathLike | None = None,
+    hessians: Hessians | str | os.PathLike | None = None,
+    gptq_damp: float = 0.01,
+    threads: int | None = None,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    progress: ProgressCallback | bool = False,
+) -> PackedState:
+    """The packed checkpoint :func:`qlorakit.quantize_checkpoint` would write for the model
+    directory ``src`` with these options (its own; ``max_shard_size`` is checked, and unused: there
+    are no shards), as a :class:`PackedState`. Call its ``close()`` once the state dict is loaded.
+
+    Raises :class:`~qlorakit.errors.CheckpointError` naming the file and tensor on bad input,
+    ``ValueError`` on bad options.
+    """
+    option_values = {
+        "quant_type": quant_type,
+        "blocksize": blocksize,
+        "double_quant": double_quant,
+        "max_shard_bytes": parse_size(max_shard_size),
+        "threads": threads,
+        "scale_search": scale_search,
+        "importance": str(importance) if importance is not None else None,
+        "durable": False,
+        "gptq_damp": gptq_damp,
+    }
+    pipeline_options = _core.QuantizeOptions(**option_values)
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    source = Path(src).resolve()
+    if not source.is_dir():
+        raise CheckpointError(f"{source}: not a model directory")
+    if importance is not None and not Path(importance).is_file():
+        raise CheckpointError(f"{importance}: no such importance file")
+    if isinstance(hessians, str | os.PathLike) and not Path(hessians).is_file():
+        raise CheckpointError(f"{hessians}: no such Hessian file")
+    start = time.perf_counter()
+    listing = _core.list_tensors(str(source))
+    tensors = [(name, dtype, shape) for name, dtype, shape, _ in listing]
+    plan = Plan(source, tensors, skip, rule)
+    callback = ProgressBar() if progress is True else (progress or None)
+
+    def run(selection: Selection, speculative: bool) -> tuple[_core.CheckpointReport, dict[str, torch.Tensor]]:
+        """The Rust pipeline on ``selection`` into fresh tensors; a speculative run stops once the plan
+        says otherwise."""
+
+        def watch(*event: object) -> None:
+            if speculative and plan.ready() and not same_work(plan.final(), selection):
+                raise _PlanChanged
+            if callback is not None:
+                callback(*event)
+
+        shapes = {name: shape for name, _, shape in tensors}
+        serialized: dict[str, torch.Tensor] = {}
+        buffers = []
+        for name in selection.quantize:
+            codes, absmax, nested = _empty_outputs(math.prod(shapes[name]), blocksize, double_quant)
+            serialized[name], serialized[f"{name}.absmax"] = codes, absmax
+            if nested is not None:
+                serialized[f"{name}.nested_absmax"] = nested
+            buffers.append(
+                (
+                    name,
+                    byte_view(codes, "codes"),
+                    byte_view(absmax, "absmax"),
+                    byte_view(nested, "nested absmax") if nested is not None else None,
+                )
+            )
+        report, states = _core.quantize_in_memory(
+            str(source),
+            selection.quantize,
+            options,
+            buffers,
+            progress=watch,
+            transposed=selection.transposed,
+        )
+        for key, text in states:
+            serialized[key] = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+        return report, serialized
+
+    with _hessian_file(hessians) as hessian_file:
+        options = pipeline_options
+        if hessian_file is not None:
+            options = _core.QuantizeOptions(**option_values, hessians=hessian_file)
+        # As quantize_checkpoint: while transformers decides the plan, the pipeline runs on the name
+        # rule's guess, kept when the plan agrees and run again on the plan when not.
+        try:
+            outcome: tuple[_core.CheckpointReport, dict[str, torch.Tensor]] | None = run(plan.guess, plan.speculative)
+        except _PlanChanged:
+            outcome = None
+        selection = plan.final()
+        if outcome is None or not same_work(selection, plan.guess):
+            outcome = run(selection, False)
+    report, serialized = outcome
+    _check_shapes(source, tensors, selection)
+    for name in selection.quantize:
+        serialized[f"{name}.quant_map"] = code_table(quant_type)
+        if double_quant:
+            serialized[f"{name}.nested_quant_map"] = dynamic_map()
+    packed = PackedState(
+        state_dict={},
+        quantization_config=quantization_config(
+            quant_type, double_quant, COMPUTE_DTYPES[compute_dtype], selection.skip_modules
+        ),
+        selection=selection,
+        report=report,
+        seconds=0.0,
+    )
+    try:
+        state: dict[str, Any] = dict(serialized)
+        quantized = set(selection.quantize)
+        for file, names in _kept_by_file(listing, quantized).items():
+            handle = packed._files.enter_context(_open_source(file))
+            for name in names:
+                state[name] = handle.get_slice(name)
+    except BaseException:
+        packed.close()
+        raise
+    packed.state_dict = dict(sorted(state.items()))
+    packed.seconds = time.perf_counter() - start
+    return packed
+
+
+def _empty_outputs(numel: int, blocksize: int, double_quant: bool) -> tuple[torch.Tensor, ...]:
+    """Fresh (untouched: the pipeline's threads write them first) codes, absmax and nested absmax
+    (``None`` without double quantization) of a tensor of ``numel`` elements."""
+    blocks = math.ceil(numel / blocksize)
+    codes = torch.empty(((numel + 1) // 2, 1), dtype=torch.uint8)
+    if not double_quant:
+        return codes, torch.empty(blocks, dtype=torch.float32), None
+    nested = torch.empty(math.ceil(blocks / NESTED_BLOCKSIZE), dtype=torch.float32)
+    return codes, torch.empty(blocks, dtype=torch.uint8), nested
+
+
+def _check_shapes(source: Path, tensors: Sequence[tuple[str, str, list[int]]], selection: Selection) -> None:
+    """Every quantized tensor's shape (as quantized: ``[out, in]``) must be that of the 4-bit layer
+    its loader builds (what ``quantize_checkpoint`` checks in the shards it wrote)."""
+    shapes = {name: tuple(shape) for name, _, shape in tensors}
+    transposed = set(selection.transposed)
+    for name, expected in selection.expected_shapes.items():
+        shape = shapes.get(name)
+        if shape is not None and name in transposed:
+            shape = shape[::-1]
+        if shape != tuple(expected):
+            raise CheckpointError(
+                f"{source}: tensor '{name}' would be quantized with shape {list(shape or [])} but the 4-bit layer "
+                f"its loader builds is {list(expected)} [out, in]"
+            )
+
+
+def _kept_by_file(listing: Sequence[tuple[str, str, list[int], str]], quantized: set[str]) -> dict[str, list[str]]:
+    """The tensors left as stored, by source file (files in order)."""
+    by_file: dict[str, list[str]] = {}
+    for name, _, _, file in listing:
+        if name not in quantized:
+            by_file.setdefault(file, []).append(name)
+    return by_file
+
+
+@contextmanager
+def _open_source(file: str) -> Iterator[Any]:
+    """``safe_open`` of a source file as transformers opens a checkpoint's (memory-mapped, except on
+    Windows, where it reads)."""
+    from safetensors import safe_open
+
+    handle = safe_open(file, framework="pt", device="cpu", backend="pread" if sys.platform == "win32" else "mmap")
+    try:
+        yield handle
+    finally:
+        handle.__exit__(None, None, None)
+
+
+@contextmanager
+def _hessian_file(hessians: Hessians | str | os.PathLike | None) -> Iterator[str | None]:
+    """The file of ``hessians``: as given, or in-memory Hessians saved to a scratch file for the run."""
+    if hessians is None or isinstance(hessians, str | os.PathLike):
+        yield str(hessians) if hessians is not None else None
+        return
+    from qlorakit.scratch import scratch_directory
+
+    with scratch_directory() as scratch:
+        yield str(hessians.save(scratch / "hessians.safetensors"))
