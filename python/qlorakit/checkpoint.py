@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qlorakit import _core
 from qlorakit._core import CheckpointError, __version__
@@ -167,6 +167,44 @@ def parse_size(text: str | int) -> int:
     return int(number * base**power)
 
 
+def pipeline_option_values(
+    *,
+    quant_type: str,
+    blocksize: int,
+    double_quant: bool,
+    compute_dtype: str,
+    max_shard_size: str | int,
+    threads: int | None,
+    scale_search: bool,
+    importance: str | os.PathLike | None,
+    hessians: Hessians | str | os.PathLike | None,
+    gptq_damp: float,
+    durable: bool,
+) -> tuple[dict[str, Any], _core.QuantizeOptions]:
+    """The Rust pipeline's options, as ``_core.QuantizeOptions`` keywords and built: Rust validates its own
+    (``ValueError`` naming the option); here the compute dtype, and that an importance or Hessian file given
+    exists (:class:`CheckpointError`). A caller with in-memory Hessians adds the file once it is saved."""
+    values: dict[str, Any] = {
+        "quant_type": quant_type,
+        "blocksize": blocksize,
+        "double_quant": double_quant,
+        "max_shard_bytes": parse_size(max_shard_size),
+        "threads": threads,
+        "scale_search": scale_search,
+        "importance": str(importance) if importance is not None else None,
+        "durable": durable,
+        "gptq_damp": gptq_damp,
+    }
+    options = _core.QuantizeOptions(**values)
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    if importance is not None and not Path(importance).is_file():
+        raise CheckpointError(f"{importance}: no such importance file")
+    if isinstance(hessians, str | os.PathLike) and not Path(hessians).is_file():
+        raise CheckpointError(f"{hessians}: no such Hessian file")
+    return values, options
+
+
 def quantize_checkpoint(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -215,35 +253,28 @@ def quantize_checkpoint(
     input or a failed write (``dst`` is then left untouched), ``FileExistsError`` if
     ``dst`` exists and ``force`` is not set, ``ValueError`` on bad options.
     """
-    # Rust validates the pipeline's options (ValueError naming the option); the Hessian file is
-    # added once it is known (in-memory Hessians are saved beside the staging directory).
-    option_values = {
-        "quant_type": quant_type,
-        "blocksize": blocksize,
-        "double_quant": double_quant,
-        "max_shard_bytes": parse_size(max_shard_size),
-        "threads": threads,
-        "scale_search": scale_search,
-        "importance": str(importance) if importance is not None else None,
-        "durable": durable,
-        "gptq_damp": gptq_damp,
-    }
-    pipeline_options = _core.QuantizeOptions(**option_values)
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    option_values, pipeline_options = pipeline_option_values(
+        quant_type=quant_type,
+        blocksize=blocksize,
+        double_quant=double_quant,
+        compute_dtype=compute_dtype,
+        max_shard_size=max_shard_size,
+        threads=threads,
+        scale_search=scale_search,
+        importance=importance,
+        hessians=hessians,
+        gptq_damp=gptq_damp,
+        durable=durable,
+    )
     source = Path(src).resolve()
     destination = Path(dst).resolve()
     if not source.exists():
         raise CheckpointError(f"{source}: no such file or directory")
-    if importance is not None and not Path(importance).is_file():
-        raise CheckpointError(f"{importance}: no such importance file")
     if destination == source or source in destination.parents or destination in source.parents:
         # Replacing a destination that holds the source would delete the source.
         raise ValueError(f"destination {destination} must not be the source, inside it, or contain it")
     if destination.exists() and not force:
         raise FileExistsError(f"{destination} exists; replace it with --force (force=True in Python)")
-    if isinstance(hessians, str | os.PathLike) and not Path(hessians).is_file():
-        raise CheckpointError(f"{hessians}: no such Hessian file")
     source_dir = source if source.is_dir() else None
     start = time.perf_counter()
     tensors = [(t.name, t.dtype, t.shape) for t in _core.list_tensors(str(source))]

@@ -28,7 +28,7 @@ import torch
 from qlorakit import _core
 from qlorakit._core import CheckpointError
 from qlorakit._native import byte_view
-from qlorakit.checkpoint import ProgressCallback, _PlanChanged, parse_size
+from qlorakit.checkpoint import ProgressCallback, _PlanChanged, pipeline_option_values
 from qlorakit.formats import DEFAULT_BLOCKSIZE, DEFAULT_MAX_SHARD_SIZE, NESTED_BLOCKSIZE
 from qlorakit.hf_files import COMPUTE_DTYPES, quantization_config
 from qlorakit.progress import ProgressBar
@@ -83,30 +83,25 @@ def quantize_in_memory(
     Raises :class:`~qlorakit.errors.CheckpointError` naming the file and tensor on bad input,
     ``ValueError`` on bad options.
     """
-    option_values = {
-        "quant_type": quant_type,
-        "blocksize": blocksize,
-        "double_quant": double_quant,
-        "max_shard_bytes": parse_size(max_shard_size),
-        "threads": threads,
-        "scale_search": scale_search,
-        "importance": str(importance) if importance is not None else None,
-        "durable": False,
-        "gptq_damp": gptq_damp,
-    }
-    pipeline_options = _core.QuantizeOptions(**option_values)
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    option_values, pipeline_options = pipeline_option_values(
+        quant_type=quant_type,
+        blocksize=blocksize,
+        double_quant=double_quant,
+        compute_dtype=compute_dtype,
+        max_shard_size=max_shard_size,
+        threads=threads,
+        scale_search=scale_search,
+        importance=importance,
+        hessians=hessians,
+        gptq_damp=gptq_damp,
+        durable=False,
+    )
     source = Path(src).resolve()
     if not source.is_dir():
         raise CheckpointError(f"{source}: not a model directory")
-    if importance is not None and not Path(importance).is_file():
-        raise CheckpointError(f"{importance}: no such importance file")
-    if isinstance(hessians, str | os.PathLike) and not Path(hessians).is_file():
-        raise CheckpointError(f"{hessians}: no such Hessian file")
     start = time.perf_counter()
     listing = _core.list_tensors(str(source))
-    tensors = [(name, dtype, shape) for name, dtype, shape, _ in listing]
+    tensors = [(t.name, t.dtype, t.shape) for t in listing]
     plan = Plan(source, tensors, skip, rule)
     callback = ProgressBar() if progress is True else (progress or None)
 
@@ -218,12 +213,12 @@ def _check_shapes(source: Path, tensors: Sequence[tuple[str, str, list[int]]], s
             )
 
 
-def _kept_by_file(listing: Sequence[tuple[str, str, list[int], str]], quantized: set[str]) -> dict[str, list[str]]:
+def _kept_by_file(listing: Sequence[_core.TensorEntry], quantized: set[str]) -> dict[str, list[str]]:
     """The tensors left as stored, by source file (files in order)."""
     by_file: dict[str, list[str]] = {}
-    for name, _, _, file in listing:
-        if name not in quantized:
-            by_file.setdefault(file, []).append(name)
+    for entry in listing:
+        if entry.name not in quantized:
+            by_file.setdefault(entry.file, []).append(entry.name)
     return by_file
 
 

@@ -1,29 +1,18 @@
 //! Bindings for whole-checkpoint quantization and safetensors header reading (the
 //! `TensorEntry` and `SafetensorsHeader` objects).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::time::Duration;
 
 use pyo3::prelude::*;
 use qlorakit_core::checkpoint::quant_state::QuantState;
 use qlorakit_core::checkpoint::safetensors::{SafetensorsFile, TensorInfo};
-use qlorakit_core::checkpoint::{
-    self, CheckpointError as CoreError, Orientation, Selection, Source,
-};
+use qlorakit_core::checkpoint::{self, Source};
 
+use crate::loading::{checkpoint_err, run_reporting, selection};
 use crate::options::QuantizeOptions;
 use crate::reports::CheckpointReport;
-use crate::{parse_blocksize, parse_quant_type, CheckpointError};
-
-fn checkpoint_err(err: CoreError) -> PyErr {
-    CheckpointError::new_err(err.to_string())
-}
-
-/// (tensors_done, tensors_total, bytes_done, bytes_total, tensor name), as the callback gets it.
-type ProgressEvent = (usize, usize, u64, u64, String);
+use crate::{parse_blocksize, parse_quant_type};
 
 /// One tensor of a safetensors file, as its header describes it.
 #[pyclass(frozen, get_all, module = "qlorakit._core")]
@@ -173,97 +162,17 @@ pub fn quantize_checkpoint(
 ) -> PyResult<CheckpointReport> {
     let threads = options.get().threads;
     let options = options.get().core.clone();
-    let transposed: HashSet<String> = transposed.into_iter().collect();
-    if let Some(name) = transposed.iter().find(|name| !selected.contains(name)) {
-        return Err(CheckpointError::new_err(format!(
-            "tensor '{name}' is marked transposed but not selected for quantization"
-        )));
-    }
-    let selected: Selection = selected
-        .into_iter()
-        .map(|name| {
-            let orientation = if transposed.contains(&name) {
-                Orientation::Transposed
-            } else {
-                Orientation::AsStored
-            };
-            (name, orientation)
-        })
-        .collect();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.unwrap_or(0))
-        .build()
-        .map_err(|e| CheckpointError::new_err(format!("cannot start worker threads: {e}")))?;
-    let (events, received) = mpsc::channel::<ProgressEvent>();
-    // The pipeline runs on a worker thread; this (calling, usually main) thread waits
-    // without the GIL and takes it briefly every tick and after each tensor, to run Python
-    // signal handlers — only the main thread can, so Ctrl-C works — and the progress
-    // callback. An exception from either sets `cancelled`, which stops the pipeline after
-    // the tensor at hand.
-    let (result, interrupt) = py.detach(move || {
-        let cancelled = AtomicBool::new(false);
-        let mut interrupt: Option<PyErr> = None;
-        let result = std::thread::scope(|scope| {
-            let (source, selected, out_dir, options, metadata, pool, cancelled) = (
-                &source, &selected, &out_dir, &options, &metadata, &pool, &cancelled,
-            );
-            // The worker owns the sender: when it finishes, the channel disconnects.
-            let worker = scope.spawn(move || {
-                pool.install(|| {
-                    let source = Source::open(source)?;
-                    let mut report_progress = |p: checkpoint::Progress<'_>| {
-                        let event = (
-                            p.tensors_done,
-                            p.tensors_total,
-                            p.bytes_done,
-                            p.bytes_total,
-                            p.tensor.to_string(),
-                        );
-                        let _ = events.send(event);
-                        !cancelled.load(Ordering::Relaxed)
-                    };
-                    checkpoint::quantize_checkpoint(
-                        &source,
-                        selected,
-                        out_dir,
-                        options,
-                        metadata,
-                        &mut report_progress,
-                    )
-                })
-            });
-            loop {
-                let event = match received.recv_timeout(Duration::from_millis(50)) {
-                    Ok(event) => Some(event),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => break,
-                };
-                if interrupt.is_some() {
-                    continue;
-                }
-                let outcome = Python::attach(|py| {
-                    py.check_signals()?;
-                    match (&progress, event) {
-                        (Some(callback), Some(event)) => callback.call1(py, event).map(drop),
-                        _ => Ok(()),
-                    }
-                });
-                if let Err(err) = outcome {
-                    interrupt = Some(err);
-                    cancelled.store(true, Ordering::Relaxed);
-                }
-            }
-            worker.join().unwrap_or_else(|_| {
-                Err(CoreError::Internal(
-                    "the quantization worker panicked".into(),
-                ))
-            })
-        });
-        (result, interrupt)
-    });
-    if let Some(err) = interrupt {
-        return Err(err);
-    }
-    let report = result.map_err(checkpoint_err)?;
+    let selected = selection(selected, transposed)?;
+    let report = run_reporting(py, threads, progress, move |report_progress| {
+        let source = Source::open(&source)?;
+        checkpoint::quantize_checkpoint(
+            &source,
+            &selected,
+            &out_dir,
+            &options,
+            &metadata,
+            report_progress,
+        )
+    })?;
     Ok(CheckpointReport::from(report))
 }

@@ -1,5 +1,7 @@
 //! Binding of the in-memory checkpoint pipeline: quantize-on-load (`qlorakit.from_pretrained`
 //! of a full-precision directory) quantizes straight into the tensors the model will hold.
+//! Also what both pipelines' bindings share: the selection with orientations, and running
+//! the work beside a thread that reports progress and takes Ctrl-C.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -18,7 +20,7 @@ use crate::options::QuantizeOptions;
 use crate::reports::CheckpointReport;
 use crate::{view_mut, CheckpointError, QuantizationError};
 
-fn checkpoint_err(err: CoreError) -> PyErr {
+pub(crate) fn checkpoint_err(err: CoreError) -> PyErr {
     CheckpointError::new_err(err.to_string())
 }
 
@@ -83,7 +85,7 @@ pub fn quantize_in_memory(
 }
 
 /// The selection with each tensor's orientation; refuses a transposed tensor not selected.
-fn selection(selected: Vec<String>, transposed: Vec<String>) -> PyResult<Selection> {
+pub(crate) fn selection(selected: Vec<String>, transposed: Vec<String>) -> PyResult<Selection> {
     let transposed: HashSet<String> = transposed.into_iter().collect();
     if let Some(name) = transposed.iter().find(|name| !selected.contains(name)) {
         return Err(CheckpointError::new_err(format!(
@@ -129,7 +131,7 @@ fn ensure_disjoint(outputs: &[OutputBuffers]) -> PyResult<()> {
 /// each tensor to run Python's signal handlers (only the main thread can, so Ctrl-C works)
 /// and `progress`. An exception from either stops the work after the tensor at hand and
 /// is raised.
-fn run_reporting<R, W>(
+pub(crate) fn run_reporting<R, W>(
     py: Python<'_>,
     threads: Option<usize>,
     progress: Option<Py<PyAny>>,

@@ -208,16 +208,16 @@ pub fn quantize_checkpoint(
             planned.file.release(planned.info);
             bytes_done += report.bytes_in;
             reports.push(report);
-            let carry_on = progress(Progress {
-                tensors_done: reports.len(),
-                tensors_total: plan.len(),
-                bytes_done,
-                bytes_total,
-                tensor: &planned.info.name,
-            });
-            if !carry_on {
-                return Err(CheckpointError::Cancelled);
-            }
+            tell(
+                progress,
+                Progress {
+                    tensors_done: reports.len(),
+                    tensors_total: plan.len(),
+                    bytes_done,
+                    bytes_total,
+                    tensor: &planned.info.name,
+                },
+            )?;
         }
         let size = writer.finish()?;
         shard_files.push((file_name, size));
@@ -463,16 +463,16 @@ pub fn quantize_in_memory(
         };
         bytes_done += report.bytes_in;
         reports.push(report);
-        let carry_on = progress(Progress {
-            tensors_done: reports.len(),
-            tensors_total: plan.len(),
-            bytes_done,
-            bytes_total,
-            tensor: &planned.info.name,
-        });
-        if !carry_on {
-            return Err(CheckpointError::Cancelled);
-        }
+        tell(
+            progress,
+            Progress {
+                tensors_done: reports.len(),
+                tensors_total: plan.len(),
+                bytes_done,
+                bytes_total,
+                tensor: &planned.info.name,
+            },
+        )?;
     }
     Ok(MemoryReport {
         tensors: reports,
@@ -858,6 +858,15 @@ fn transpose<T: Element>(values: &[T], rows: usize, cols: usize) -> Vec<T> {
             }
         });
     out
+}
+
+/// Reports a finished tensor; `Cancelled` when the callback asks to stop.
+fn tell(progress: &mut dyn FnMut(Progress<'_>) -> bool, done: Progress<'_>) -> Result<()> {
+    if progress(done) {
+        Ok(())
+    } else {
+        Err(CheckpointError::Cancelled)
+    }
 }
 
 /// `raw` as `&[T]`: borrowed when aligned, else copied into `scratch`.
