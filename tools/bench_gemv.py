@@ -19,6 +19,10 @@ interleaved run (best of N after a warm-up, see ``bench_common.time_interleaved`
   forward, and runs its fused kernel for any number of rows; the warm-up call takes the repack).
 * ``fresh dequantize``: ``qlorakit.dequantize(packed, bf16)`` into a new tensor vs
   ``bitsandbytes.functional.dequantize_4bit`` (also a new tensor).
+* ``decode chain``: the batch-1 kernel over a chain of distinct layers of the shape, more bytes than the
+  last-level cache (``CHAIN_BYTES``), called back to back as a decode step calls a model's layers (the threads
+  hot, every layer's bytes from memory), per layer, vs copying each layer's bytes the same way. The single calls
+  above each follow an idle pause, so they also pay for waking the threads; the chain does not.
 
 Ratios are ``t_other / t_qlorakit``: above 1 means qlorakit is faster. ``--threads`` sets RAYON_NUM_THREADS and
 OMP_NUM_THREADS before the libraries start their pools (hence the imports inside functions).
@@ -42,6 +46,8 @@ PAUSE_S = 0.005
 TIME_BUDGET_S = 3.0
 MAX_REPEAT_FACTOR = 40
 COPY_TARGET = 0.8
+#: Packed bytes of a decode chain: well above the last-level cache, so no layer's bytes are cached when it runs.
+CHAIN_BYTES = 96 * 2**20
 
 
 @dataclass
@@ -165,6 +171,44 @@ def bench_layer(out_features: int, in_features: int, args: argparse.Namespace) -
         print(f"  check x{b}: fused vs dequant+matmul rel. L2 {rel:.2e}; bnb eval() vs dequant+matmul {bnb_rel:.2e}")
 
 
+def bench_chain(out_features: int, in_features: int, args: argparse.Namespace) -> None:
+    """The ``decode chain`` rows (see the module docs)."""
+    import torch
+
+    import qlorakit
+    from qlorakit.nn.dispatch import matvec_weight
+
+    generator = torch.Generator().manual_seed(args.seed)
+    first = qlorakit.quantize(torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16) * 0.02)
+    nbytes = packed_bytes(first)
+    count = max(2, math.ceil(CHAIN_BYTES / nbytes))
+    layers = [first] + [
+        qlorakit.quantize(torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16) * 0.02)
+        for _ in range(count - 1)
+    ]
+    sources = [torch.randint(0, 255, (nbytes,), dtype=torch.uint8, generator=generator) for _ in range(count)]
+    targets = [torch.empty_like(src) for src in sources]
+    x = torch.randn(1, in_features, generator=generator).to(torch.bfloat16)
+
+    def run_chain() -> None:
+        for packed in layers:
+            matvec_weight(packed, x)
+
+    def copy_chain() -> None:
+        for src, dst in zip(sources, targets, strict=True):
+            dst.copy_(src)
+
+    kernel, copy = Candidate("decode chain", run_chain), Candidate("copy chain", copy_chain)
+    time_interleaved([copy, kernel], args.repeats, PAUSE_S, TIME_BUDGET_S, MAX_REPEAT_FACTOR)
+    share = copy.best / kernel.best
+    verdict = "ok" if share >= COPY_TARGET else f"below the {COPY_TARGET:.0%} target"
+    print(
+        f"  {out_features}x{in_features}: {count} layers, {1e3 * kernel.best / count:.4f} ms per layer "
+        f"({nbytes * count / kernel.best / 1e9:.1f} GB/s of packed bytes), copy {1e3 * copy.best / count:.4f} ms "
+        f"per layer ({nbytes * count / copy.best / 1e9:.1f} GB/s): {share:.0%} of copy ({verdict})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_threads(args.threads)
@@ -176,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"load average before: {one:.2f} (1 min), {five:.2f} (5 min)")
     for out_features, in_features in args.layers:
         bench_layer(out_features, in_features, args)
+    print("\n== decode chains: batch-1 kernel per layer over distinct layers called back to back, vs copying them ==")
+    for out_features, in_features in args.layers:
+        bench_chain(out_features, in_features, args)
     one, five, _ = os.getloadavg()
     print(f"\nload average after: {one:.2f} (1 min), {five:.2f} (5 min)")
     return 0
