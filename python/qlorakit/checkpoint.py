@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qlorakit import _core
 from qlorakit._core import CheckpointError, __version__
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from qlorakit.calibration import Hessians
 
 ProgressCallback = Callable[[int, int, int, int, str], None]
+#: What a pipeline run returns (:func:`run_planned`).
+_Outcome = TypeVar("_Outcome")
 
 
 @dataclass
@@ -290,15 +292,8 @@ def quantize_checkpoint(
     }
     callback = ProgressBar() if progress is True else (progress or None)
 
-    def run(selection: Selection, staging: Path, speculative: bool) -> _core.CheckpointReport:
-        """The Rust pipeline on ``selection``; a speculative run stops once the plan says otherwise."""
-
-        def watch(*event: object) -> None:
-            if speculative and plan.ready() and not same_work(plan.final(), selection):
-                raise _PlanChanged
-            if callback is not None:
-                callback(*event)
-
+    def run(selection: Selection, watch: ProgressCallback) -> _core.CheckpointReport:
+        """The Rust pipeline on ``selection`` into the staging directory."""
         metadata = {
             "format": "pt",
             f"{METADATA_PREFIX}format_version": FORMAT_VERSION,
@@ -328,15 +323,7 @@ def quantize_checkpoint(
     if hessian_file is not None:
         pipeline_options = _core.QuantizeOptions(**option_values, hessians=hessian_file)
     try:
-        # While transformers is imported to decide the plan, the pipeline runs on the name rule's
-        # guess; it is kept when the plan agrees, and run again on the plan when not.
-        try:
-            raw: _core.CheckpointReport | None = run(plan.guess, staging, plan.speculative)
-        except _PlanChanged:
-            raw = None
-        selection = plan.final()
-        if raw is None or not same_work(selection, plan.guess):
-            raw = run(selection, staging, False)
+        raw, selection = run_planned(plan, callback, run)
         _check_written_shapes(staging, selection)
         quant_config = quantization_config(quant_type, double_quant, options["compute_dtype"], selection.skip_modules)
         write_config(source_dir, staging, quant_config)
@@ -361,6 +348,33 @@ def quantize_checkpoint(
 
 class _PlanChanged(Exception):
     """Stops a speculative pipeline run whose selection the plan does not confirm."""
+
+
+def run_planned(
+    plan: Plan, callback: ProgressCallback | None, run: Callable[[Selection, ProgressCallback], _Outcome]
+) -> tuple[_Outcome, Selection]:
+    """``run(selection, watch)`` on the plan's final selection, and that selection. While transformers is
+    imported to decide the plan, the pipeline runs on the name rule's guess: it is kept when the plan agrees,
+    stopped (``watch`` raises) as soon as the plan is known to differ, and run again on the plan then.
+    ``watch`` passes every progress event on to ``callback``."""
+
+    def attempt(selection: Selection, speculative: bool) -> _Outcome:
+        def watch(*event: object) -> None:
+            if speculative and plan.ready() and not same_work(plan.final(), selection):
+                raise _PlanChanged
+            if callback is not None:
+                callback(*event)
+
+        return run(selection, watch)
+
+    try:
+        outcome: _Outcome | None = attempt(plan.guess, plan.speculative)
+    except _PlanChanged:
+        outcome = None
+    selection = plan.final()
+    if outcome is None or not same_work(selection, plan.guess):
+        outcome = attempt(selection, False)
+    return outcome, selection
 
 
 def _check_written_shapes(directory: Path, selection: Selection) -> None:

@@ -28,12 +28,13 @@ import torch
 from qlorakit import _core
 from qlorakit._core import CheckpointError
 from qlorakit._native import byte_view
-from qlorakit.checkpoint import ProgressCallback, _PlanChanged, pipeline_option_values
-from qlorakit.formats import DEFAULT_BLOCKSIZE, DEFAULT_MAX_SHARD_SIZE, NESTED_BLOCKSIZE
+from qlorakit.checkpoint import ProgressCallback, pipeline_option_values, run_planned
+from qlorakit.formats import DEFAULT_BLOCKSIZE, DEFAULT_MAX_SHARD_SIZE, QUANT_STATE_MARKER
 from qlorakit.hf_files import COMPUTE_DTYPES, quantization_config
+from qlorakit.packed import serialized
 from qlorakit.progress import ProgressBar
-from qlorakit.selection import Plan, Selection, same_work
-from qlorakit.tables import code_table, dynamic_map
+from qlorakit.quantization import empty_buffers
+from qlorakit.selection import Plan, Selection
 
 if TYPE_CHECKING:
     from qlorakit.calibration import Hessians
@@ -105,32 +106,19 @@ def quantize_in_memory(
     plan = Plan(source, tensors, skip, rule)
     callback = ProgressBar() if progress is True else (progress or None)
 
-    def run(selection: Selection, speculative: bool) -> tuple[_core.CheckpointReport, dict[str, torch.Tensor]]:
-        """The Rust pipeline on ``selection`` into fresh tensors; a speculative run stops once the plan
-        says otherwise."""
-
-        def watch(*event: object) -> None:
-            if speculative and plan.ready() and not same_work(plan.final(), selection):
-                raise _PlanChanged
-            if callback is not None:
-                callback(*event)
-
+    def run(selection: Selection, watch: ProgressCallback) -> tuple[_core.CheckpointReport, dict[str, torch.Tensor]]:
+        """The Rust pipeline on ``selection`` into fresh tensors."""
         shapes = {name: shape for name, _, shape in tensors}
-        serialized: dict[str, torch.Tensor] = {}
-        buffers = []
-        for name in selection.quantize:
-            codes, absmax, nested = _empty_outputs(math.prod(shapes[name]), blocksize, double_quant)
-            serialized[name], serialized[f"{name}.absmax"] = codes, absmax
-            if nested is not None:
-                serialized[f"{name}.nested_absmax"] = nested
-            buffers.append(
-                (
-                    name,
-                    byte_view(codes, "codes"),
-                    byte_view(absmax, "absmax"),
-                    byte_view(nested, "nested absmax") if nested is not None else None,
-                )
+        outputs = {name: empty_buffers(math.prod(shapes[name]), blocksize, double_quant) for name in selection.quantize}
+        buffers = [
+            (
+                name,
+                byte_view(codes, "codes"),
+                byte_view(absmax, "absmax"),
+                byte_view(nested, "nested absmax") if nested is not None else None,
             )
+            for name, (codes, absmax, nested) in outputs.items()
+        ]
         report, states = _core.quantize_in_memory(
             str(source),
             selection.quantize,
@@ -139,29 +127,19 @@ def quantize_in_memory(
             progress=watch,
             transposed=selection.transposed,
         )
-        for key, text in states:
-            serialized[key] = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
-        return report, serialized
+        state_json = dict(states)
+        tensors_out: dict[str, torch.Tensor] = {}
+        for name, (codes, absmax, nested) in outputs.items():
+            quant_state = state_json[f"{name}{QUANT_STATE_MARKER}{quant_type}"]
+            tensors_out.update(serialized(name, codes, absmax, nested, quant_type, quant_state))
+        return report, tensors_out
 
     with _hessian_file(hessians) as hessian_file:
         options = pipeline_options
         if hessian_file is not None:
             options = _core.QuantizeOptions(**option_values, hessians=hessian_file)
-        # As quantize_checkpoint: while transformers decides the plan, the pipeline runs on the name
-        # rule's guess, kept when the plan agrees and run again on the plan when not.
-        try:
-            outcome: tuple[_core.CheckpointReport, dict[str, torch.Tensor]] | None = run(plan.guess, plan.speculative)
-        except _PlanChanged:
-            outcome = None
-        selection = plan.final()
-        if outcome is None or not same_work(selection, plan.guess):
-            outcome = run(selection, False)
-    report, serialized = outcome
+        (report, quantized_tensors), selection = run_planned(plan, callback, run)
     _check_shapes(source, tensors, selection)
-    for name in selection.quantize:
-        serialized[f"{name}.quant_map"] = code_table(quant_type)
-        if double_quant:
-            serialized[f"{name}.nested_quant_map"] = dynamic_map()
     packed = PackedState(
         state_dict={},
         quantization_config=quantization_config(
@@ -172,7 +150,7 @@ def quantize_in_memory(
         seconds=0.0,
     )
     try:
-        state: dict[str, Any] = dict(serialized)
+        state: dict[str, Any] = dict(quantized_tensors)
         quantized = set(selection.quantize)
         for file, names in _kept_by_file(listing, quantized).items():
             handle = packed._files.enter_context(_open_source(file))
@@ -184,17 +162,6 @@ def quantize_in_memory(
     packed.state_dict = dict(sorted(state.items()))
     packed.seconds = time.perf_counter() - start
     return packed
-
-
-def _empty_outputs(numel: int, blocksize: int, double_quant: bool) -> tuple[torch.Tensor, ...]:
-    """Fresh (untouched: the pipeline's threads write them first) codes, absmax and nested absmax
-    (``None`` without double quantization) of a tensor of ``numel`` elements."""
-    blocks = math.ceil(numel / blocksize)
-    codes = torch.empty(((numel + 1) // 2, 1), dtype=torch.uint8)
-    if not double_quant:
-        return codes, torch.empty(blocks, dtype=torch.float32), None
-    nested = torch.empty(math.ceil(blocks / NESTED_BLOCKSIZE), dtype=torch.float32)
-    return codes, torch.empty(blocks, dtype=torch.uint8), nested
 
 
 def _check_shapes(source: Path, tensors: Sequence[tuple[str, str, list[int]]], selection: Selection) -> None:

@@ -134,18 +134,7 @@ class PackedWeight:
         codes = self.codes
         if self.quant_storage != torch.uint8:
             codes = codes.reshape(-1).view(self.quant_storage).unsqueeze(1)
-        tensors = {
-            prefix: codes,
-            f"{prefix}.absmax": self.absmax,
-            f"{prefix}.quant_map": code_table(self.quant_type),
-        }
-        if self.nested_absmax is not None:
-            tensors[f"{prefix}.nested_absmax"] = self.nested_absmax
-            tensors[f"{prefix}.nested_quant_map"] = dynamic_map()
-        state_json = self.quant_state_json().encode("utf-8")
-        key = f"{prefix}{QUANT_STATE_MARKER}{self.quant_type}"
-        tensors[key] = torch.frombuffer(bytearray(state_json), dtype=torch.uint8)
-        return tensors
+        return serialized(prefix, codes, self.absmax, self.nested_absmax, self.quant_type, self.quant_state_json())
 
     @classmethod
     def from_state_dict(cls, tensors: Mapping[str, torch.Tensor], prefix: str = "weight") -> PackedWeight:
@@ -209,3 +198,22 @@ def _reference_table(name: str) -> torch.Tensor:
     """The table ``name`` (a quant type, or ``"dynamic"``) to compare stored ones with, built once
     (loading checks it for every weight). Never handed out: callers get fresh copies."""
     return dynamic_map() if name == "dynamic" else code_table(name)
+
+
+def serialized(
+    prefix: str,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    quant_type: str,
+    quant_state_json: str,
+) -> dict[str, torch.Tensor]:
+    """A 4-bit weight's tensors under bitsandbytes' key names (``prefix`` is the weight's key): the codes, the
+    scales, the code tables and the quant_state JSON as a uint8 tensor."""
+    tensors = {prefix: codes, f"{prefix}.absmax": absmax, f"{prefix}.quant_map": code_table(quant_type)}
+    if nested_absmax is not None:
+        tensors[f"{prefix}.nested_absmax"] = nested_absmax
+        tensors[f"{prefix}.nested_quant_map"] = dynamic_map()
+    key = f"{prefix}{QUANT_STATE_MARKER}{quant_type}"
+    tensors[key] = torch.frombuffer(bytearray(quant_state_json.encode("utf-8")), dtype=torch.uint8)
+    return tensors

@@ -114,17 +114,26 @@ def _search_into(out: PackedWeight, tensor: torch.Tensor, dtype: str, importance
     out.layout = replace(out.layout, offset=report.offset)
 
 
+def empty_buffers(
+    numel: int, blocksize: int, double_quant: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Uninitialized codes ``[(numel + 1) // 2, 1]`` (uint8), absmax (uint8 nested codes with double
+    quantization, else float32 scales) and nested absmax (float32, or ``None``) of a tensor of ``numel``
+    elements: the buffers the core quantizes into, shaped as bitsandbytes stores them."""
+    blocks = math.ceil(numel / blocksize)
+    codes = torch.empty(((numel + 1) // 2, 1), dtype=torch.uint8)
+    if not double_quant:
+        return codes, torch.empty(blocks, dtype=torch.float32), None
+    nested = torch.empty(math.ceil(blocks / NESTED_BLOCKSIZE), dtype=torch.float32)
+    return codes, torch.empty(blocks, dtype=torch.uint8), nested
+
+
 def _empty_packed(
     shape: tuple[int, ...], dtype: torch.dtype, quant_type: str, blocksize: int, double_quant: bool
 ) -> PackedWeight:
-    n = math.prod(shape)
-    blocks = math.ceil(n / blocksize)
-    return PackedWeight(
-        codes=torch.empty(((n + 1) // 2, 1), dtype=torch.uint8),
-        absmax=torch.empty(blocks, dtype=torch.uint8 if double_quant else torch.float32),
-        nested_absmax=torch.empty(math.ceil(blocks / NESTED_BLOCKSIZE), dtype=torch.float32) if double_quant else None,
-        layout=QuantLayout(quant_type, blocksize, shape, dtype, offset=0.0 if double_quant else None),
-    )
+    codes, absmax, nested = empty_buffers(math.prod(shape), blocksize, double_quant)
+    layout = QuantLayout(quant_type, blocksize, shape, dtype, offset=0.0 if double_quant else None)
+    return PackedWeight(codes=codes, absmax=absmax, nested_absmax=nested, layout=layout)
 
 
 def decode_absmax(packed: PackedWeight) -> torch.Tensor:

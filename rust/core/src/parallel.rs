@@ -147,12 +147,16 @@ pub fn current_num_threads() -> usize {
     }
 }
 
-/// Runs `task(0)` .. `task(tasks - 1)` in parallel and returns when all are done; a panic
-/// in a task is re-raised on the calling thread.
+/// Runs `task(0)` .. `task(tasks - 1)` in parallel (a single task on the calling thread)
+/// and returns when all are done; a panic in a task is re-raised on the calling thread.
 pub fn for_each_task(tasks: usize, task: &(dyn Fn(usize) + Sync)) {
+    if tasks <= 1 {
+        // One task runs where it is: handing it to a pool would only wake that pool's threads.
+        return (0..tasks).for_each(task);
+    }
     match openmp_for_caller() {
-        Some(runtime) if tasks > 1 => run_openmp(runtime, tasks, task),
-        _ => (0..tasks).into_par_iter().for_each(task),
+        Some(runtime) => run_openmp(runtime, tasks, task),
+        None => (0..tasks).into_par_iter().for_each(task),
     }
 }
 
