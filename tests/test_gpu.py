@@ -277,18 +277,25 @@ def test_public_dequantize_and_compile_on_cuda(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 with NCCL needs 2 or more CUDA GPUs")
-def test_fsdp2_with_nccl_shards_the_base_and_trains_as_one_gpu(tmp_path):
-    """tests/test_distributed.py's check on GPUs: torchrun, 2 ranks, NCCL, the 4-bit base sharded by plain
-    fully_shard; the adapters after 3 steps equal one GPU's with gradient accumulation over the same micro-batches
-    (within float32 reduction-order noise: NCCL and one GPU sum in different orders)."""
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_fsdp2_with_nccl_shards_the_base_and_trains_as_one_gpu(tmp_path, launcher):
+    """tests/test_distributed.py's check on GPUs: 2 ranks, NCCL, the 4-bit base sharded by plain fully_shard
+    (torchrun) or by accelerate's FSDP2 ``Accelerator.prepare`` (accelerate launch with tools/accelerate_fsdp2.yaml);
+    the adapters after 3 steps equal one GPU's with gradient accumulation over the same micro-batches (within
+    float32 reduction-order noise: NCCL and one GPU sum in different orders)."""
     from safetensors.torch import load_file
 
     from helpers.checkpoints import save_tiny_llama
-    from helpers.processes import run_train_fsdp
+    from helpers.processes import ACCELERATE_FSDP2_CONFIG, run_train_fsdp
 
     save_tiny_llama(tmp_path / "src")
     qlorakit.quantize_checkpoint(tmp_path / "src", tmp_path / "packed")
-    sharded = run_train_fsdp(tmp_path / "packed", tmp_path / "fsdp", ranks=2)
+    if launcher == "accelerate":
+        accelerate = ("--config_file", str(ACCELERATE_FSDP2_CONFIG), "--num_processes", "2", "--mixed_precision", "no")
+        sharded = run_train_fsdp(tmp_path / "packed", tmp_path / "fsdp", accelerate=accelerate)
+        assert sharded["parallel"] == "accelerate"
+    else:
+        sharded = run_train_fsdp(tmp_path / "packed", tmp_path / "fsdp", ranks=2)
     single = run_train_fsdp(tmp_path / "packed", tmp_path / "single", "--accumulate", "2")
     assert all(r["held_4bit_bytes"] <= 0.6 * sharded["total_4bit_bytes"] for r in sharded["ranks"])
     ours = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))

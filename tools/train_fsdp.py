@@ -6,9 +6,15 @@ A complete example, and what tests/test_distributed.py and tools/bench_fsdp.py r
     torchrun --nproc-per-node 2 tools/train_fsdp.py PACKED_DIR --parallel ddp --out runs/ddp
     python tools/train_fsdp.py PACKED_DIR --accumulate 2 --out runs/single                 # one process
     accelerate launch --multi_gpu --num_processes 2 tools/train_fsdp.py PACKED_DIR --out runs/fsdp
+    accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 tools/train_fsdp.py PACKED_DIR --out runs/acc
 
-(accelerate only starts the processes here, as torchrun does: the script shards the model itself with
-``fully_shard`` and does not go through ``Accelerator.prepare``.) On GPUs the backend is NCCL and each rank takes
+With ``--multi_gpu`` accelerate only starts the processes, as torchrun does, and the script shards the model
+itself with ``fully_shard``. With an FSDP2 config (``--use_fsdp --fsdp_version 2`` or a config file with
+``distributed_type: FSDP`` and ``fsdp_version: 2``) the script goes through accelerate's own FSDP2 path
+instead (``--parallel accelerate``, the default under such a launch): ``Accelerator.prepare(model,
+optimizer)`` shards the model by the config's wrap policy, and ``Accelerator.backward`` runs the backward.
+FSDP version 1 is refused (it flattens each group's parameters into one tensor of one dtype, which the uint8
+codes and the float adapters cannot share). On GPUs the backend is NCCL and each rank takes
 the GPU of its local rank; on the CPU it is gloo. The model is sharded with plain ``fully_shard``: each decoder
 layer (the module classes transformers lists in ``model._no_split_modules``, as accelerate's FSDP wrap policy uses
 them), the embeddings and the head (when not tied), then the whole model. Each step every rank runs
@@ -37,12 +43,26 @@ import torch.distributed as dist
 import qlorakit
 import qlorakit.distributed as qdist
 
+#: The ways several ranks train: plain ``fully_shard``, DDP, accelerate's FSDP2 ``Accelerator.prepare``.
+PARALLEL = ("fsdp", "ddp", "accelerate")
+
+
+def _accelerate_fsdp_launch() -> bool:
+    """Whether ``accelerate launch`` started this process with an FSDP config (it sets this variable)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("packed", type=Path, help="packed 4-bit checkpoint directory (qlorakit quantize output)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (created)")
-    parser.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp", help="with several ranks (default fsdp)")
+    parser.add_argument(
+        "--parallel",
+        choices=PARALLEL,
+        default=None,
+        help="with several ranks: fsdp (plain fully_shard), ddp, or accelerate (Accelerator.prepare with the FSDP2 "
+        "plugin accelerate launch configured); default accelerate under an accelerate FSDP launch, else fsdp",
+    )
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps (default 3)")
     parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per rank and step (default 1)")
     parser.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch (default 2)")
@@ -70,6 +90,35 @@ def _setup() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def _accelerator() -> Any:
+    """accelerate's ``Accelerator`` with the FSDP2 plugin its launcher configured: refuses anything else, since
+    the route exists to run accelerate's own FSDP2 preparation."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    accelerator = Accelerator()
+    if accelerator.distributed_type != DistributedType.FSDP:
+        raise SystemExit(
+            f"--parallel accelerate needs an accelerate FSDP2 launch (accelerate launch --use_fsdp --fsdp_version 2, "
+            f"or a config with distributed_type: FSDP); this process has {accelerator.distributed_type}"
+        )
+    if accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise SystemExit(
+            "accelerate's FSDP version 1 cannot shard a 4-bit model: it flattens each group's parameters into one "
+            "tensor of one dtype, and the uint8 codes and the float adapters cannot share one; use --fsdp_version 2"
+        )
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.cpu_ram_efficient_loading:
+        # accelerate's rank-0 loading moves the model to meta and reloads it from rank 0's state dict by parameter
+        # name; bitsandbytes' 4-bit layout (``weight.absmax``, ``weight.quant_state...``) names no parameter, and
+        # accelerate skips this loading for bitsandbytes' own 4-bit models too. It would save nothing here: every
+        # rank memory-maps the packed file and fully_shard copies out only its own slice.
+        plugin.cpu_ram_efficient_loading = False
+        if accelerator.is_main_process:
+            print("train_fsdp: fsdp_cpu_ram_efficient_loading turned off (each rank reads only its own shards)")
+    return accelerator
+
+
 def _shard(model: torch.nn.Module, device: torch.device, world: int) -> None:
     """Plain FSDP2: ``fully_shard`` on each decoder layer, then on the model."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -88,6 +137,13 @@ def _shard(model: torch.nn.Module, device: torch.device, world: int) -> None:
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def _fsdp_groups(model: torch.nn.Module) -> int:
+    """How many modules ``fully_shard`` made FSDP2 groups (0 without FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return sum(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _batches(args: argparse.Namespace, vocab: int, world: int) -> torch.Tensor:
@@ -115,9 +171,15 @@ def _memory_bytes() -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
-    rank, world, device = _setup()
+    if args.parallel is None:
+        args.parallel = "accelerate" if _accelerate_fsdp_launch() else "fsdp"
+    accelerator = _accelerator() if args.parallel == "accelerate" else None
+    if accelerator is None:
+        rank, world, device = _setup()
+    else:  # the Accelerator set up the process group
+        rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     compute_dtype = getattr(torch, args.compute_dtype)
-    sharded = world > 1 and args.parallel == "fsdp"
+    sharded = world > 1 and args.parallel in ("fsdp", "accelerate")
     # Under FSDP2 the model stays on the CPU, memory-mapped: fully_shard moves each module to the device as it
     # shards it, so a device never holds more than one full layer.
     load_device = torch.device("cpu") if sharded else device
@@ -126,12 +188,21 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     config = qlorakit.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
     qlorakit.add_lora(model, config)
     training = model
-    if sharded:
+    optimizer = None
+    if accelerator is not None:
+        # accelerate's FSDP2 preparation shards the model in place (fully_shard by the plugin's wrap policy) and
+        # swaps the optimizer's parameters for the sharded ones.
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        training = model
+    elif sharded:
         _shard(model, device, world)
     elif world > 1:
         training = torch.nn.parallel.DistributedDataParallel(model)
     held, total = qdist.quantized_bytes(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    groups = _fsdp_groups(model)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     data = _batches(args, model.config.vocab_size, world)
     losses, step_seconds, memory = [], [], []
     model.train()
@@ -141,7 +212,10 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         for k in range(args.accumulate):
             ids = data[step, rank * args.accumulate + k].to(device)
             loss = training(input_ids=ids, labels=ids).loss / args.accumulate
-            loss.backward()
+            if accelerator is None:
+                loss.backward()
+            else:
+                accelerator.backward(loss)
             step_loss += loss.detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -174,6 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "losses": losses,
         "step_seconds": step_seconds,
         "total_4bit_bytes": total,
+        "fsdp_groups": groups,
         "ranks": gathered,
     }
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")

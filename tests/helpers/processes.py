@@ -28,14 +28,27 @@ def load_script(path: Path, module_name: str) -> ModuleType:
 
 #: The FSDP2 / DDP example script, run by the distributed tests (CPU and GPU).
 TRAIN_FSDP = Path(__file__).resolve().parents[2] / "tools" / "train_fsdp.py"
+#: The example accelerate FSDP2 config.
+ACCELERATE_FSDP2_CONFIG = TRAIN_FSDP.with_name("accelerate_fsdp2.yaml")
+#: Lifts accelerate's GPU-only FSDP gate on a CPU-only machine (see the module).
+ACCELERATE_FSDP_CPU = Path(__file__).with_name("accelerate_fsdp_cpu.py")
 
 
-def run_train_fsdp(packed: Path, out: Path, *args: str, ranks: int = 1) -> dict:
+def run_train_fsdp(
+    packed: Path, out: Path, *args: str, ranks: int = 1, accelerate: tuple[str, ...] | None = None
+) -> dict:
     """``tools/train_fsdp.py PACKED --out OUT ARGS``: with torchrun over ``ranks`` processes (one process without
-    a launcher when ``ranks`` is 1); asserts every process exited 0 and returns its ``result.json``."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}"] if ranks > 1 else []
+    a launcher when ``ranks`` is 1), or with ``accelerate launch ACCELERATE`` when that is given (through
+    :data:`ACCELERATE_FSDP_CPU` without CUDA); asserts every process exited 0 and returns its ``result.json``."""
+    if accelerate is not None:
+        shim = [] if _has_cuda() else [str(ACCELERATE_FSDP_CPU)]
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", *accelerate, *shim]
+    elif ranks > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}"]
+    else:
+        launcher = [sys.executable]
     done = subprocess.run(
-        [*(launcher or [sys.executable]), str(TRAIN_FSDP), str(packed), "--out", str(out), *args],
+        [*launcher, str(TRAIN_FSDP), str(packed), "--out", str(out), *args],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -43,3 +56,9 @@ def run_train_fsdp(packed: Path, out: Path, *args: str, ranks: int = 1) -> dict:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return json.loads((out / "result.json").read_text())
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
