@@ -12,6 +12,12 @@ pub(crate) fn has_avx512() -> bool {
         && std::arch::is_x86_feature_detected!("avx512vl")
 }
 
+/// Whether the running CPU has AVX2 and F16C (the AVX2 gemv kernel's float16 rounding).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_f16c() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+}
+
 /// Whether the running CPU also has AVX512-BF16 (`vdpbf16ps`, `vcvtneps2bf16`).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx512_bf16() -> bool {

@@ -15,7 +15,8 @@ mod common;
 use common::Rng;
 
 const QUANT_TYPES: [QuantType; 2] = QuantType::ALL;
-const KERNELS: [GemvKernel; 2] = [GemvKernel::Portable, GemvKernel::Avx512];
+/// The lane-order kernels (one summation order); one the CPU lacks runs the portable one.
+const KERNELS: [GemvKernel; 3] = [GemvKernel::Portable, GemvKernel::Avx2, GemvKernel::Avx512];
 /// Unit roundoff of float32.
 const F32_UNIT_ROUNDOFF: f64 = 1.0 / (1u64 << 24) as f64;
 
@@ -167,22 +168,25 @@ impl<T: Element> Case<T> {
             }
             results.push(out.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>());
         }
-        // Both kernels follow the same summation order: identical bits, not just close.
-        assert_eq!(
-            results[0],
-            results[1],
-            "{} {:?} bs {} [{}x{}]: portable and AVX-512 kernels differ",
-            T::NAME,
-            self.quant_type,
-            self.blocksize.get(),
-            self.rows,
-            self.cols
-        );
+        // The kernels follow the same summation order: identical bits, not just close.
+        for (kernel, result) in KERNELS.iter().zip(&results).skip(1) {
+            assert_eq!(
+                &results[0],
+                result,
+                "{} {:?} bs {} [{}x{}]: portable and {kernel:?} kernels differ",
+                T::NAME,
+                self.quant_type,
+                self.blocksize.get(),
+                self.rows,
+                self.cols
+            );
+        }
     }
 }
 
 /// Shapes that stress the piece splitting: blocks straddling rows, rows starting on a low
-/// nibble (odd `cols`), partial groups, a single row or column, several parallel tasks.
+/// nibble (odd `cols`), partial groups, a single row or column, several parallel tasks;
+/// and rows of whole groups of 16 (the AVX2 kernel's layouts), blocks straddling them too.
 fn shapes(blocksize: usize) -> Vec<(usize, usize)> {
     let mut shapes = vec![
         (1, 1),
@@ -198,10 +202,14 @@ fn shapes(blocksize: usize) -> Vec<(usize, usize)> {
         (9, 255),
         (1, 4097),
         (33, 64),
+        (7, 48),
+        (6, 96),
+        (3, 2 * blocksize),
+        (5, 4 * blocksize + 16),
     ];
     if !cfg!(debug_assertions) {
         // More than one parallel task (65536 elements each).
-        shapes.extend([(40, 2000), (129, 1023), (24, 4096)]);
+        shapes.extend([(40, 2000), (129, 1023), (24, 4096), (70, 1024)]);
     }
     shapes
 }
@@ -237,31 +245,36 @@ fn gemv_matches_dequantize_then_dot_f16() {
 #[test]
 fn gemv_is_deterministic_and_independent_of_the_thread_count() {
     let mut rng = Rng(7);
-    let case = Case::<bf16>::random(&mut rng, 300, 1000, 64, QuantType::Nf4);
-    let default = case.run(GemvKernel::best(), true);
-    assert_eq!(case.run(GemvKernel::best(), true), default);
-    let single = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap()
-        .install(|| case.run(GemvKernel::best(), true));
-    assert_eq!(single, default);
+    for cols in [1000, 1024] {
+        let case = Case::<bf16>::random(&mut rng, 300, cols, 64, QuantType::Nf4);
+        let default = case.run(GemvKernel::best(), true);
+        assert_eq!(case.run(GemvKernel::best(), true), default);
+        let single = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(|| case.run(GemvKernel::best(), true));
+        assert_eq!(single, default);
+    }
 }
 
 #[test]
 fn gemv_propagates_non_finite_inputs() {
     let mut rng = Rng(11);
-    let mut case = Case::<f32>::random(&mut rng, 6, 130, 64, QuantType::Nf4);
-    case.x[77] = f32::NAN;
-    for kernel in KERNELS {
-        assert!(case.run(kernel, false).iter().all(|v| v.is_nan()));
-    }
-    case.x[77] = 1.0;
-    case.absmax[1] = f32::INFINITY; // block 1 lies in row 0 (elements 64..128)
-    for kernel in KERNELS {
-        let out = case.run(kernel, false);
-        assert!(!out[0].is_finite(), "{kernel:?}");
-        assert!(out[2..].iter().all(|v| v.is_finite()), "{kernel:?}");
+    // 130 columns (portable layouts) and 128 (whole groups: the AVX2 kernel's too).
+    for cols in [130, 128] {
+        let mut case = Case::<f32>::random(&mut rng, 6, cols, 64, QuantType::Nf4);
+        case.x[77] = f32::NAN;
+        for kernel in KERNELS {
+            assert!(case.run(kernel, false).iter().all(|v| v.is_nan()));
+        }
+        case.x[77] = 1.0;
+        case.absmax[1] = f32::INFINITY; // block 1 lies in row 0 (elements 64..128)
+        for kernel in KERNELS {
+            let out = case.run(kernel, false);
+            assert!(!out[0].is_finite(), "{kernel:?}");
+            assert!(out[2..].iter().all(|v| v.is_finite()), "{kernel:?}");
+        }
     }
 }
 

@@ -161,8 +161,14 @@ fn check_batches<T: Element>(salt: u64) {
             }
             // The lane-order kernels share one summation order, batched too.
             let portable = layer.run(GemvKernel::Portable, true);
-            if GemvKernel::Avx512.is_supported() {
-                assert_eq!(bits(&portable), bits(&layer.run(GemvKernel::Avx512, true)));
+            for kernel in [GemvKernel::Avx2, GemvKernel::Avx512] {
+                if kernel.is_supported() {
+                    assert_eq!(
+                        bits(&portable),
+                        bits(&layer.run(kernel, true)),
+                        "{kernel:?}"
+                    );
+                }
             }
         }
     }

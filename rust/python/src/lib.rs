@@ -474,8 +474,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add("BLOCKSIZES", core::BLOCKSIZES.to_vec())?;
     m.add("DEFAULT_BLOCKSIZE", core::DEFAULT_BLOCKSIZE)?;
-    // Whether gemv_4bit runs a SIMD kernel on this CPU (else the portable one, slower than
-    // dequantize + matmul, so Python does not route single-row inputs to it).
+    // Whether gemv_4bit runs a SIMD kernel (AVX2 or AVX-512) on this CPU (else the portable
+    // one, slower than dequantize + matmul, so Python does not route few-row inputs to it).
     m.add(
         "GEMV_SIMD",
         core::gemv::GemvKernel::best() != core::gemv::GemvKernel::Portable,

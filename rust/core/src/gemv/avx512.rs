@@ -231,6 +231,7 @@ mod tests {
 
     use super::*;
     use crate::element::Element;
+    use crate::gemv::rounding_check::check_table_rounding;
     use crate::gemv::GemvKernel;
 
     /// The AVX-512 table rounding equals `T::from_f32(v).to_f32()` on every class of
@@ -242,63 +243,15 @@ mod tests {
             return;
         }
         fn check<T: Element>(rounding: TableRounding) {
-            let mut state = 0x1234_5678_9abc_def0u64;
-            let specials = [
-                0x0000_0000,
-                0x8000_0000,
-                0x7f80_0000,
-                0xff80_0000,
-                0x7fc0_0000,
-                0x7f80_0001,
-                0xffff_ffff,
-                0x7fff_ffff,
-                0x3f80_8000,
-                0x3f81_8000,
-                0x477f_f000,
-                0x477f_e000,
-                0x3380_0000,
-                0x3300_0000,
-                0x0000_0001,
-                0x7f7f_ffff,
-                0x387f_c000,
-                0x337f_ffff,
-            ];
-            for round in 0..20_000 {
-                let bits: [u32; 16] = std::array::from_fn(|i| {
-                    if round == 0 && i < specials.len() {
-                        return specials[i];
-                    }
-                    state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                    let mut z = state;
-                    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                    (z ^ (z >> 31)) as u32
-                });
-                let values = bits.map(f32::from_bits);
-                // The NaN fix-up may be skipped only where no lane is NaN.
-                let any_nan = values.iter().any(|v| v.is_nan());
-                for may_be_nan in [true, false] {
-                    if any_nan && !may_be_nan {
-                        continue;
-                    }
-                    let mut got = [0.0f32; 16];
-                    // SAFETY: AVX-512 support checked above; the arrays hold 16 floats.
-                    unsafe {
-                        let v = _mm512_loadu_ps(values.as_ptr());
-                        let rounded = round_table(v, rounding, may_be_nan);
-                        _mm512_storeu_ps(got.as_mut_ptr(), rounded);
-                    }
-                    for (v, g) in values.iter().zip(got) {
-                        let want = T::from_f32(*v).to_f32();
-                        if want.is_nan() {
-                            assert!(g.is_nan(), "{} {:#x}: got {g}", T::NAME, v.to_bits());
-                        } else {
-                            let bits = v.to_bits();
-                            assert_eq!(g.to_bits(), want.to_bits(), "{} {bits:#x}", T::NAME);
-                        }
-                    }
+            check_table_rounding::<T, 16>(|values, may_be_nan| {
+                let mut got = [0.0f32; 16];
+                // SAFETY: AVX-512 support checked above; the arrays hold 16 floats.
+                unsafe {
+                    let v = _mm512_loadu_ps(values.as_ptr());
+                    _mm512_storeu_ps(got.as_mut_ptr(), round_table(v, rounding, may_be_nan));
                 }
-            }
+                got
+            });
         }
         check::<f32>(TableRounding::Float32);
         check::<bf16>(TableRounding::Bfloat16);

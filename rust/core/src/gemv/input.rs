@@ -18,6 +18,11 @@ pub(super) enum LaneKernel {
         rounding: TableRounding,
         lane_ordered: bool,
     },
+    /// Always with x in group lane order.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx2 {
+        rounding: TableRounding,
+    },
 }
 
 /// What a call runs.
@@ -35,7 +40,8 @@ pub(super) const BF16_CHUNK: usize = 64;
 impl Plan {
     /// The plan for `kernel` on this CPU, element type and layout: the BF16 kernel needs
     /// bfloat16 input, blocks of at least a chunk and rows of whole chunks; the AVX-512
-    /// lane kernel an element type it has table rounding for; else portable.
+    /// lane kernel an element type it has table rounding for; the AVX2 one that too, rows
+    /// of whole groups and blocks of at least a group; else portable.
     pub(super) fn choose<T: Element>(kernel: GemvKernel, block_shift: u32, cols: usize) -> Plan {
         let bf16_input = T::NAME == half::bf16::NAME;
         let chunked = (1usize << block_shift) >= BF16_CHUNK && cols.is_multiple_of(BF16_CHUNK);
@@ -53,6 +59,14 @@ impl Plan {
                     rounding,
                     lane_ordered,
                 })
+            }
+            Some(rounding)
+                if kernel == GemvKernel::Avx2
+                    && kernel.is_supported()
+                    && cols.is_multiple_of(GEMV_LANES)
+                    && (1usize << block_shift) >= GEMV_LANES =>
+            {
+                Plan::Lanes(LaneKernel::Avx2 { rounding })
             }
             _ => Plan::Lanes(LaneKernel::Portable),
         }
@@ -112,7 +126,7 @@ pub(super) fn with_prepared<T: Element, R>(
                 LaneKernel::Avx512 {
                     lane_ordered: true,
                     ..
-                }
+                } | LaneKernel::Avx2 { .. }
             );
             let is_f32 = T::NAME == f32::NAME;
             if is_f32 && !lane_ordered {

@@ -7,13 +7,18 @@ use crate::error::{QuantError, Result};
 /// The environment variable that forces a CPU kernel (read once per process).
 pub const CPU_KERNEL_ENV: &str = "QLORAKIT_CPU_KERNEL";
 
-/// An implementation of the fused kernel. `Portable` and `Avx512` share one summation
-/// order and return bit-identical results; `Avx512Bf16` has its own (see the module
+/// An implementation of the fused kernel. `Portable`, `Avx2` and `Avx512` share one
+/// summation order and return bit-identical results; `Avx512Bf16` has its own (see the module
 /// documentation of [`crate::gemv`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemvKernel {
     /// Plain Rust, any CPU.
     Portable,
+    /// x86-64 AVX2 + F16C: the 16-entry table of a block in two registers, looked up per
+    /// lane by `permutevar8x32` and a blend. For rows of whole groups of 16 and blocks of
+    /// at least 16 (every packed layout bitsandbytes writes with such rows); other
+    /// layouts take [`GemvKernel::Portable`].
+    Avx2,
     /// x86-64 AVX-512 F/BW/VL: the 16-entry table of a block held in one register,
     /// looked up per lane by `permutexvar`.
     Avx512,
@@ -25,16 +30,18 @@ pub enum GemvKernel {
 
 impl GemvKernel {
     /// Every kernel, slowest first.
-    pub const ALL: [GemvKernel; 3] = [
+    pub const ALL: [GemvKernel; 4] = [
         GemvKernel::Portable,
+        GemvKernel::Avx2,
         GemvKernel::Avx512,
         GemvKernel::Avx512Bf16,
     ];
 
-    /// The name `QLORAKIT_CPU_KERNEL` takes: `portable`, `avx512` or `avx512bf16`.
+    /// The name `QLORAKIT_CPU_KERNEL` takes: `portable`, `avx2`, `avx512` or `avx512bf16`.
     pub fn name(self) -> &'static str {
         match self {
             GemvKernel::Portable => "portable",
+            GemvKernel::Avx2 => "avx2",
             GemvKernel::Avx512 => "avx512",
             GemvKernel::Avx512Bf16 => "avx512bf16",
         }
@@ -62,11 +69,13 @@ impl GemvKernel {
         match self {
             GemvKernel::Portable => true,
             #[cfg(target_arch = "x86_64")]
+            GemvKernel::Avx2 => crate::dispatch::has_avx2_f16c(),
+            #[cfg(target_arch = "x86_64")]
             GemvKernel::Avx512 => crate::dispatch::has_avx512(),
             #[cfg(target_arch = "x86_64")]
             GemvKernel::Avx512Bf16 => crate::dispatch::has_avx512_bf16(),
             #[cfg(not(target_arch = "x86_64"))]
-            GemvKernel::Avx512 | GemvKernel::Avx512Bf16 => false,
+            GemvKernel::Avx2 | GemvKernel::Avx512 | GemvKernel::Avx512Bf16 => false,
         }
     }
 
@@ -74,6 +83,7 @@ impl GemvKernel {
     fn needs(self) -> &'static str {
         match self {
             GemvKernel::Portable => "none",
+            GemvKernel::Avx2 => "x86-64 AVX2 and F16C",
             GemvKernel::Avx512 => "x86-64 AVX-512 F/BW/VL",
             GemvKernel::Avx512Bf16 => "x86-64 AVX-512 F/BW/VL and AVX512-BF16",
         }
@@ -125,8 +135,8 @@ mod tests {
             Ok(GemvKernel::Portable)
         );
         assert_eq!(
-            GemvKernel::from_setting(Some("avx2")),
-            Err(QuantError::UnknownCpuKernel("avx2".into()))
+            GemvKernel::from_setting(Some("sse2")),
+            Err(QuantError::UnknownCpuKernel("sse2".into()))
         );
         for kernel in GemvKernel::ALL {
             assert_eq!(GemvKernel::from_name(kernel.name()), Ok(kernel));

@@ -13,14 +13,16 @@
 //! # Kernels
 //!
 //! [`GemvKernel::selected`] picks the kernel: the CPU's best, or the one the environment
-//! variable `QLORAKIT_CPU_KERNEL` (`portable`, `avx512`, `avx512bf16`; read once per process)
-//! forces. An unknown name, or a kernel this CPU lacks, makes every call fail with an error
+//! variable `QLORAKIT_CPU_KERNEL` (`portable`, `avx2`, `avx512`, `avx512bf16`; read once
+//! per process) forces. An unknown name, or a kernel this CPU lacks, makes every call fail with an error
 //! naming the variable. `avx512bf16` applies to bfloat16 inputs with blocksize >= 64 and
-//! `cols` a multiple of 64; other inputs under it take `avx512`.
+//! `cols` a multiple of 64; other inputs under it take `avx512`. `avx2` applies to rows of
+//! whole groups of 16 and blocks of at least 16; other layouts under it take `portable`.
 //!
-//! # Summation order of `portable` and `avx512` (float32, float16, and bfloat16 elsewhere)
+//! # Summation order of `portable`, `avx2` and `avx512` (bfloat16 too, but for `avx512bf16`)
 //!
-//! Fixed, the same on every CPU and in both kernels, so their results are bit-identical: a
+//! Fixed, the same on every CPU and in all three kernels, so their results are
+//! bit-identical: a
 //! row's elements are split into pieces at block boundaries (a row that starts on the low
 //! nibble of a byte first gives its single first element a piece of its own); each piece
 //! is walked in groups of 16 from its start, element `LANE_ELEMENT[l]` of group `g` adding
@@ -54,6 +56,7 @@
 //! 2^-126 per addition of the dot products); the rounding to `T` then adds at most
 //! `u_T |value|` plus half of `T`'s smallest subnormal.
 
+mod avx2;
 pub(crate) mod avx512;
 mod avx512_bf16;
 mod input;
@@ -354,6 +357,14 @@ impl Weight<'_> {
             } => unsafe {
                 avx512::row_lanes(self, rounding, lane_ordered, start, xs, &mut lanes[..n])
             },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Avx2` is only chosen after checking the CPU's support, for rows of
+            // whole groups of 16 (so `start` is a multiple of 16 and `skip` is 0) and
+            // blocks of at least 16, with x in lane order; `start + cols` is at most
+            // `rows * cols`, the element count the buffer lengths were checked against.
+            input::LaneKernel::Avx2 { rounding } => unsafe {
+                avx2::row_lanes(self, rounding, start, xs, &mut lanes[..n])
+            },
             _ => portable::row_lanes::<T>(self, start, xs, &mut lanes[..n]),
         }
         lanes
@@ -381,6 +392,76 @@ impl<'a, E> XRows<'a, E> {
 fn fold([a0, a1, a2, a3]: Lanes) -> f32 {
     let lanes: [f32; GEMV_LANES] = std::array::from_fn(|i| (a0[i] + a1[i]) + (a2[i] + a3[i]));
     crate::lanes::tree_sum(lanes)
+}
+
+/// Shared by the SIMD kernels' table-rounding tests.
+#[cfg(test)]
+pub(crate) mod rounding_check {
+    use crate::element::Element;
+    /// Float32 inputs for testing a SIMD table rounding against `half`, `N` lanes at a time:
+    /// every class of value (zeros, Inf, quiet and signalling NaN, ties, values that round to
+    /// subnormals or overflow) in the first lanes, then 20 000 rounds of random bit patterns.
+    fn probe_lanes<const N: usize>() -> impl Iterator<Item = [f32; N]> {
+        const SPECIALS: [u32; 18] = [
+            0x0000_0000,
+            0x8000_0000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0x7f80_0001,
+            0xffff_ffff,
+            0x7fff_ffff,
+            0x3f80_8000,
+            0x3f81_8000,
+            0x477f_f000,
+            0x477f_e000,
+            0x3380_0000,
+            0x3300_0000,
+            0x0000_0001,
+            0x7f7f_ffff,
+            0x387f_c000,
+            0x337f_ffff,
+        ];
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut index = 0;
+        let mut next = move || {
+            index += 1;
+            if let Some(&special) = SPECIALS.get(index - 1) {
+                return f32::from_bits(special);
+            }
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            f32::from_bits((z ^ (z >> 31)) as u32)
+        };
+        (0..20_000).map(move |_| std::array::from_fn(|_| next()))
+    }
+
+    /// Checks that `round(values, may_be_nan)`, a SIMD table rounding of `N` lanes, equals
+    /// `T::from_f32(v).to_f32()` lane by lane on [`probe_lanes`] (a NaN only as a NaN); the
+    /// NaN fix-up is skipped (`may_be_nan` false) only where no lane is NaN.
+    pub(crate) fn check_table_rounding<T: Element, const N: usize>(
+        round: impl Fn([f32; N], bool) -> [f32; N],
+    ) {
+        for values in probe_lanes::<N>() {
+            let any_nan = values.iter().any(|v| v.is_nan());
+            for may_be_nan in [true, false] {
+                if any_nan && !may_be_nan {
+                    continue;
+                }
+                for (v, g) in values.iter().zip(round(values, may_be_nan)) {
+                    let want = T::from_f32(*v).to_f32();
+                    if want.is_nan() {
+                        assert!(g.is_nan(), "{} {:#x}: got {g}", T::NAME, v.to_bits());
+                    } else {
+                        let bits = v.to_bits();
+                        assert_eq!(g.to_bits(), want.to_bits(), "{} {bits:#x}", T::NAME);
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
