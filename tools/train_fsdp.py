@@ -187,22 +187,24 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     torch.manual_seed(args.seed)  # the same adapter initialization on every rank and in one process
     config = qlorakit.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
     qlorakit.add_lora(model, config)
+
+    def adamw() -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+
     training = model
-    optimizer = None
     if accelerator is not None:
         # accelerate's FSDP2 preparation shards the model in place (fully_shard by the plugin's wrap policy) and
         # swaps the optimizer's parameters for the sharded ones.
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-        model, optimizer = accelerator.prepare(model, optimizer)
+        model, optimizer = accelerator.prepare(model, adamw())
         training = model
-    elif sharded:
-        _shard(model, device, world)
-    elif world > 1:
-        training = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        if sharded:
+            _shard(model, device, world)
+        elif world > 1:
+            training = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = adamw()  # over the parameters as sharded
     held, total = qdist.quantized_bytes(model)
     groups = _fsdp_groups(model)
-    if optimizer is None:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     data = _batches(args, model.config.vocab_size, world)
     losses, step_seconds, memory = [], [], []
     model.train()

@@ -96,8 +96,7 @@ unsafe fn row_lanes_for<const ROUNDING: u8, const B: usize>(
     let mut done = 0;
     while done < len {
         let first = start + done;
-        let block = first >> weight.block_shift;
-        let piece = (len - done).min(((block + 1) << weight.block_shift) - first);
+        let (block, piece) = weight.piece(first, len - done);
         let scale = weight.scales.get(block);
         let scale_lanes = _mm256_set1_ps(scale);
         let may_be_nan = !scale.is_finite(); // code * scale is NaN only for an Inf or NaN scale

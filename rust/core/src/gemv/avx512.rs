@@ -96,8 +96,7 @@ unsafe fn row_lanes_for<const LANE_ORDERED: bool, const ROUNDING: u8, const B: u
     let mut done = 0;
     while done < len {
         let first = start + done;
-        let block = first >> weight.block_shift;
-        let piece = (len - done).min(((block + 1) << weight.block_shift) - first);
+        let (block, piece) = weight.piece(first, len - done);
         let scale = weight.scales.get(block);
         let table = round_table(
             _mm512_mul_ps(codes, _mm512_set1_ps(scale)),

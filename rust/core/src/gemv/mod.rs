@@ -277,6 +277,18 @@ impl TableRounding {
 }
 
 impl Weight<'_> {
+    /// The piece of a row that starts at element `first` with `remaining` elements left in
+    /// the row: `(block, len)`, the block it lies in and how many elements it holds (up to
+    /// the block's end). Rows are walked piece by piece, one scale per piece.
+    #[inline(always)]
+    fn piece(&self, first: usize, remaining: usize) -> (usize, usize) {
+        let block = first >> self.block_shift;
+        (
+            block,
+            remaining.min(((block + 1) << self.block_shift) - first),
+        )
+    }
+
     /// The sums (before the bias) of weight row `row` with each of the `batch` input rows.
     #[inline]
     fn row_sums<T: Element>(

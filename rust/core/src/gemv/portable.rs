@@ -16,8 +16,7 @@ pub(super) fn row_lanes<T: Element>(
     let mut done = 0;
     while done < len {
         let first = start + done;
-        let block = first >> weight.block_shift;
-        let piece = (len - done).min(((block + 1) << weight.block_shift) - first);
+        let (block, piece) = weight.piece(first, len - done);
         let scale = weight.scales.get(block);
         let table: [f32; 16] =
             std::array::from_fn(|q| T::from_f32(weight.values[q] * scale).to_f32());
