@@ -19,10 +19,11 @@ interleaved run (best of N after a warm-up, see ``bench_common.time_interleaved`
   forward, and runs its fused kernel for any number of rows; the warm-up call takes the repack).
 * ``fresh dequantize``: ``qlorakit.dequantize(packed, bf16)`` into a new tensor vs
   ``bitsandbytes.functional.dequantize_4bit`` (also a new tensor).
-* ``decode chain``: the batch-1 kernel over a chain of distinct layers of the shape, more bytes than the
-  last-level cache (``CHAIN_BYTES``), called back to back as a decode step calls a model's layers (the threads
-  hot, every layer's bytes from memory), per layer, vs copying each layer's bytes the same way. The single calls
-  above each follow an idle pause, so they also pay for waking the threads; the chain does not.
+* ``decode chain``: the batch-1 kernel over a chain of distinct layers of the shape (in memory of their own; 8
+  distinct weights, the rest copies of them), more bytes than the last-level cache (:func:`chain_bytes`: twice the
+  largest cache this CPU reports, at least ``CHAIN_BYTES``), called back to back as a decode step calls a model's
+  layers (the threads hot, every layer's bytes from memory), per layer, vs copying each layer's bytes the same way.
+  The single calls above each follow an idle pause, so they also pay for waking the threads; the chain does not.
 
 Ratios are ``t_other / t_qlorakit``: above 1 means qlorakit is faster. ``--threads`` sets RAYON_NUM_THREADS and
 OMP_NUM_THREADS before the libraries start their pools (hence the imports inside functions).
@@ -35,6 +36,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bench_common import TimedCall, configure_threads, parse_dims, print_machine, time_interleaved
@@ -46,8 +48,11 @@ PAUSE_S = 0.005
 TIME_BUDGET_S = 3.0
 MAX_REPEAT_FACTOR = 40
 COPY_TARGET = 0.8
-#: Packed bytes of a decode chain: well above the last-level cache, so no layer's bytes are cached when it runs.
+#: Packed bytes of a decode chain, at least: well above a last-level cache, so no layer's bytes are cached when it
+#: runs (:func:`chain_bytes` raises it on a CPU with a larger one).
 CHAIN_BYTES = 96 * 2**20
+#: Distinct quantized weights of a chain; the rest are copies of them (their own memory, the same values).
+CHAIN_DISTINCT = 8
 
 
 @dataclass
@@ -176,6 +181,33 @@ def bench_layer(out_features: int, in_features: int, args: argparse.Namespace) -
         print(f"  check x{b}: fused vs dequant+matmul rel. L2 {rel:.2e}; bnb eval() vs dequant+matmul {bnb_rel:.2e}")
 
 
+def clone_packed(packed: Any) -> Any:
+    """A copy of a packed weight in memory of its own."""
+    from qlorakit.packed import PackedWeight
+
+    nested = packed.nested_absmax.clone() if packed.nested_absmax is not None else None
+    return PackedWeight(packed.codes.clone(), packed.absmax.clone(), nested, packed.layout)
+
+
+def last_level_cache_bytes() -> int:
+    """The largest cache of CPU 0 that Linux reports (``/sys/devices/system/cpu/cpu0/cache``), 0 where it reports
+    none."""
+    sizes = [0]
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text or 0))
+    return max(sizes)
+
+
+def chain_bytes() -> int:
+    """Packed bytes of a decode chain: twice the last-level cache, at least ``CHAIN_BYTES``."""
+    return max(CHAIN_BYTES, 2 * last_level_cache_bytes())
+
+
 def bench_chain(out_features: int, in_features: int, args: argparse.Namespace) -> None:
     """The ``decode chain`` rows (see the module docs)."""
     import torch
@@ -186,11 +218,12 @@ def bench_chain(out_features: int, in_features: int, args: argparse.Namespace) -
     generator = torch.Generator().manual_seed(args.seed)
     first = qlorakit.quantize(torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16) * 0.02)
     nbytes = packed_bytes(first)
-    count = max(2, math.ceil(CHAIN_BYTES / nbytes))
-    layers = [first] + [
+    count = max(2, math.ceil(chain_bytes() / nbytes))
+    distinct = [first] + [
         qlorakit.quantize(torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16) * 0.02)
-        for _ in range(count - 1)
+        for _ in range(min(count, CHAIN_DISTINCT) - 1)
     ]
+    layers = [clone_packed(distinct[i % len(distinct)]) if i >= len(distinct) else distinct[i] for i in range(count)]
     sources = [torch.randint(0, 255, (nbytes,), dtype=torch.uint8, generator=generator) for _ in range(count)]
     targets = [torch.empty_like(src) for src in sources]
     x = torch.randn(1, in_features, generator=generator).to(torch.bfloat16)

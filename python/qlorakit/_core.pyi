@@ -99,9 +99,9 @@ def gemv_4bit(
     :func:`cpu_kernel` names."""
 
 def cpu_kernel() -> str:
-    """The CPU kernel ``gemv_4bit`` runs: ``QLORAKIT_CPU_KERNEL`` if set (``portable``, ``avx512``,
-    ``avx512bf16``), else the CPU's best; raises :class:`QuantizationError` for an unknown name or a kernel the CPU
-    lacks."""
+    """The CPU kernel ``gemv_4bit`` runs: ``QLORAKIT_CPU_KERNEL`` if set (``portable``, ``avx2``, ``avx2bf16``,
+    ``avx512``, ``avx512bf16``), else the CPU's best; raises :class:`QuantizationError` for an unknown name or a
+    kernel the CPU lacks."""
 
 def share_openmp_runtime(path: str) -> None:
     """Runs the CPU kernels' parallel tasks (gemv, dequantize) on the OpenMP runtime at ``path``, already loaded in

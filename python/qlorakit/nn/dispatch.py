@@ -2,10 +2,11 @@
 
 CPU: the multithreaded Rust core writes straight into the torch buffer. Inputs of 1 to ``_core.GEMV_MAX_BATCH`` rows
 take its fused dequantize-and-multiply kernel (:func:`matvec_weight`): the CPU's best (AVX512-BF16 for bfloat16
-inputs, AVX-512, AVX2, else portable), or the one the environment variable ``QLORAKIT_CPU_KERNEL`` forces
-(``portable``, ``avx2``, ``avx512``, ``avx512bf16``; read once per process; an unknown name or a kernel the CPU lacks
-raises :class:`~qlorakit.errors.QuantizationError` on the first call instead of being ignored). Without AVX2, and not
-forced, inputs are dequantized and multiplied instead (the portable kernel is slower than that).
+inputs, AVX-512, AVX2 + FMA for bfloat16 inputs, AVX2, else portable), or the one the environment variable
+``QLORAKIT_CPU_KERNEL`` forces (``portable``, ``avx2``, ``avx2bf16``, ``avx512``, ``avx512bf16``; read once per
+process; an unknown name or a kernel the CPU lacks raises :class:`~qlorakit.errors.QuantizationError` on the first
+call instead of being ignored). Without AVX2, and not forced, inputs are dequantized and multiplied instead (the
+portable kernel is slower than that).
 
 CUDA: the CuPy kernels of ``kernels/cuda/`` (:mod:`qlorakit.kernels.cuda_ops`), bit-identical to the CPU for
 dequantization; without CuPy a CUDA weight gets an error naming the extra to install.

@@ -18,6 +18,12 @@ pub(crate) fn has_avx2_f16c() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
 }
 
+/// Whether the running CPU also has FMA (the AVX2 bf16 gemv kernel's multiply-adds).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma_f16c() -> bool {
+    has_avx2_f16c() && std::arch::is_x86_feature_detected!("fma")
+}
+
 /// Whether the running CPU also has AVX512-BF16 (`vdpbf16ps`, `vcvtneps2bf16`).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx512_bf16() -> bool {

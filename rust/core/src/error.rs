@@ -48,7 +48,7 @@ pub enum QuantError {
     GemvBatch { rows: usize, max: usize },
 
     /// `QLORAKIT_CPU_KERNEL` set to a name that is no CPU kernel.
-    #[error("QLORAKIT_CPU_KERNEL={0:?} is not a CPU kernel; expected one of portable, avx2, avx512, avx512bf16 (or unset it)")]
+    #[error("QLORAKIT_CPU_KERNEL={0:?} is not a CPU kernel; expected one of portable, avx2, avx2bf16, avx512, avx512bf16 (or unset it)")]
     UnknownCpuKernel(String),
 
     /// `QLORAKIT_CPU_KERNEL` names a kernel the running CPU cannot execute.

@@ -277,20 +277,24 @@ fn emulate_bf16(weight: &[f32], x: &[bf16], bias: Option<&[bf16]>, cols: usize) 
                     acc[a + 1][j] = flush(odd + product(e + 4 * j + 1));
                 }
             }
-            let mut lanes: [f32; 16] =
+            let lanes: [f32; 16] =
                 std::array::from_fn(|i| (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]));
-            let mut width = 8;
-            while width > 0 {
-                for i in 0..width {
-                    lanes[i] += lanes[i + width];
-                }
-                width /= 2;
-            }
-            let sum = bias.map_or(lanes[0], |bias| lanes[0] + bias[r].to_f32());
-            out.push(bf16::from_f32(sum));
+            out.push(finish(lanes, bias.map(|bias| bias[r])));
         }
     }
     out
+}
+
+/// The kernels' lane fold (`i` and `i + N/2`, then halving), the bias, one rounding.
+fn finish<const N: usize>(mut lanes: [f32; N], bias: Option<bf16>) -> bf16 {
+    let mut width = N / 2;
+    while width > 0 {
+        for i in 0..width {
+            lanes[i] += lanes[i + width];
+        }
+        width /= 2;
+    }
+    bf16::from_f32(bias.map_or(lanes[0], |bias| lanes[0] + bias.to_f32()))
 }
 
 /// The documented bound of the BF16 kernel against the exact dot product of the
@@ -298,6 +302,24 @@ fn emulate_bf16(weight: &[f32], x: &[bf16], bias: Option<&[bf16]>, cols: usize) 
 /// cols 2^-126`, then the rounding to bf16 (`2^-8 |value|` plus half the smallest
 /// subnormal).
 fn bf16_bound(weight: &[f32], x: &[bf16], bias: Option<&[bf16]>, cols: usize) -> Vec<(f64, f64)> {
+    sum_bound(weight, x, bias, cols, true)
+}
+
+/// The documented bound of the AVX2 bf16 kernel (and the lane kernels): as [`bf16_bound`]
+/// without flushed terms, `gamma_n sum |t|`, then the rounding to bf16.
+fn fma_bound(weight: &[f32], x: &[bf16], bias: Option<&[bf16]>, cols: usize) -> Vec<(f64, f64)> {
+    sum_bound(weight, x, bias, cols, false)
+}
+
+/// Per output, the exact value and its bound: `gamma_n sum |t|` (plus, when `flushes`,
+/// the terms below 2^-126 and one 2^-126 per column), then the rounding to bf16.
+fn sum_bound(
+    weight: &[f32],
+    x: &[bf16],
+    bias: Option<&[bf16]>,
+    cols: usize,
+    flushes: bool,
+) -> Vec<(f64, f64)> {
     let n = (cols + usize::from(bias.is_some())) as f64;
     let u = 2f64.powi(-24);
     let gamma = n * u / (1.0 - n * u);
@@ -319,7 +341,12 @@ fn bf16_bound(weight: &[f32], x: &[bf16], bias: Option<&[bf16]>, cols: usize) ->
                 exact += f64::from(bias[r].to_f32());
                 magnitude += f64::from(bias[r].to_f32()).abs();
             }
-            let summation = gamma * magnitude * (1.0 + 1e-6) + flushed + cols as f64 * tiny;
+            let flush_terms = if flushes {
+                flushed + cols as f64 * tiny
+            } else {
+                0.0
+            };
+            let summation = gamma * magnitude * (1.0 + 1e-6) + flush_terms;
             let bound = summation + 2f64.powi(-8) * (exact.abs() + summation) + 2f64.powi(-134);
             out.push((exact, bound));
         }
@@ -327,12 +354,23 @@ fn bf16_bound(weight: &[f32], x: &[bf16], bias: Option<&[bf16]>, cols: usize) ->
     out
 }
 
-fn check_bf16_against_emulation(layer: &Layer<bf16>, what: &str) {
+/// The emulation of a bf16 kernel's documented order and its error bound, per output:
+/// `(weight, x, bias, cols)` as the two functions above take them.
+type Emulation = fn(&[f32], &[bf16], Option<&[bf16]>, usize) -> Vec<bf16>;
+type Bound = fn(&[f32], &[bf16], Option<&[bf16]>, usize) -> Vec<(f64, f64)>;
+
+/// `kernel` on `layer`, with and without bias: bit for bit its emulation, within its bound.
+fn check_against_emulation(
+    kernel: GemvKernel,
+    (emulate, bound): (Emulation, Bound),
+    layer: &Layer<bf16>,
+    what: &str,
+) {
     let weight = layer.weight();
     for bias in [false, true] {
-        let got = layer.run(GemvKernel::Avx512Bf16, bias);
+        let got = layer.run(kernel, bias);
         let b = bias.then_some(&layer.bias[..]);
-        let want = emulate_bf16(&weight, &layer.x, b, layer.cols);
+        let want = emulate(&weight, &layer.x, b, layer.cols);
         assert_eq!(
             bits(&got),
             bits(&want),
@@ -340,7 +378,7 @@ fn check_bf16_against_emulation(layer: &Layer<bf16>, what: &str) {
         );
         for (i, (g, (exact, bound))) in got
             .iter()
-            .zip(bf16_bound(&weight, &layer.x, b, layer.cols))
+            .zip(bound(&weight, &layer.x, b, layer.cols))
             .enumerate()
         {
             let err = (f64::from(g.to_f32()) - exact).abs();
@@ -352,13 +390,10 @@ fn check_bf16_against_emulation(layer: &Layer<bf16>, what: &str) {
     }
 }
 
-#[test]
-fn bf16_kernel_follows_its_documented_order_and_bound() {
-    if !GemvKernel::Avx512Bf16.is_supported() {
-        eprintln!("skipped: no AVX512-BF16 on this CPU");
-        return;
-    }
-    let mut rng = Rng(0xbf16);
+/// Random bf16 layers over every quant type, the blocksizes and shapes the bf16 kernels
+/// take, and batches of 1, 3 and 8 rows.
+fn bf16_order_cases(seed: u64, mut check: impl FnMut(&Layer<bf16>, &str)) {
+    let mut rng = Rng(seed);
     for quant_type in QuantType::ALL {
         for blocksize in [64, 128, 256, 1024, 4096] {
             for (rows, cols) in [(1, 64), (3, 128), (5, 192), (4, 4096), (33, 320)] {
@@ -367,25 +402,21 @@ fn bf16_kernel_follows_its_documented_order_and_bound() {
                     let layer = Layer::<bf16>::random(
                         &mut rng, rows, cols, blocksize, quant_type, nested, batch,
                     );
-                    let what = format!("{quant_type:?} bs {blocksize} [{rows}x{cols}] x{batch}");
-                    check_bf16_against_emulation(&layer, &what);
+                    check(
+                        &layer,
+                        &format!("{quant_type:?} bs {blocksize} [{rows}x{cols}] x{batch}"),
+                    );
                 }
             }
         }
     }
 }
 
-/// Subnormal inputs, weights (tiny scales) and products (tiny inputs times small
-/// weights) are flushed as documented, and the result stays within the bound that
-/// counts the flushed terms.
-#[test]
-fn bf16_kernel_flushes_subnormals_as_documented() {
-    if !GemvKernel::Avx512Bf16.is_supported() {
-        eprintln!("skipped: no AVX512-BF16 on this CPU");
-        return;
-    }
-    let mut rng = Rng(0xde_0a11);
-    for round in 0..20 {
+/// 20 bf16 layers with subnormal weights (tiny scales), products that underflow, and
+/// subnormal or tiny inputs, each with its label.
+fn subnormal_layers(seed: u64) -> impl Iterator<Item = (Layer<bf16>, String)> {
+    let mut rng = Rng(seed);
+    (0..20).map(move |round| {
         let mut layer = Layer::<bf16>::random(&mut rng, 6, 256, 64, QuantType::Nf4, false, 2);
         if let Absmax::Plain(absmax) = &mut layer.scales {
             for (block, scale) in absmax.iter_mut().enumerate() {
@@ -405,28 +436,158 @@ fn bf16_kernel_flushes_subnormals_as_documented() {
                 _ => bf16::from_f32(rng.uniform(-2.0, 2.0) as f32),
             };
         }
-        check_bf16_against_emulation(&layer, &format!("subnormals, round {round}"));
+        (layer, format!("subnormals, round {round}"))
+    })
+}
+
+/// The AVX2 bf16 kernel's documented order, in scalar Rust: lane `d` of accumulator `a`
+/// (8 of 8 lanes) takes element `2 p + a / 4` of each chunk of 64, `p = j % 8 +
+/// 8 ((a / 2) % 2) + 16 (j / 8)`, `j = 2 d + a % 2`, chunk after chunk, by fused
+/// multiply-add; the accumulators fold as `(0 + 1) + (2 + 3)` and `(4 + 5) + (6 + 7)`,
+/// then those two, the lanes as `i + (i + 4)`, `i + 2`, `i + 1`; then the bias, one
+/// rounding.
+fn emulate_avx2_bf16(weight: &[f32], x: &[bf16], bias: Option<&[bf16]>, cols: usize) -> Vec<bf16> {
+    let element = |a: usize, d: usize| {
+        let j = 2 * d + a % 2;
+        2 * (j % 8 + 8 * ((a / 2) % 2) + 16 * (j / 8)) + a / 4
+    };
+    let mut out = Vec::new();
+    for xr in x.chunks(cols) {
+        for (r, w) in weight.chunks(cols).enumerate() {
+            let mut acc = [[0.0f32; 8]; 8];
+            for k in 0..cols / 64 {
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    for (d, acc) in acc.iter_mut().enumerate() {
+                        let e = 64 * k + element(a, d);
+                        *acc = w[e].mul_add(xr[e].to_f32(), *acc);
+                    }
+                }
+            }
+            let half = |i: usize, j: usize| std::array::from_fn(|l| acc[i][l] + acc[j][l]);
+            let [h01, h23, h45, h67]: [[f32; 8]; 4] =
+                [half(0, 1), half(2, 3), half(4, 5), half(6, 7)];
+            let lanes: [f32; 8] = std::array::from_fn(|l| (h01[l] + h23[l]) + (h45[l] + h67[l]));
+            out.push(finish(lanes, bias.map(|bias| bias[r])));
+        }
+    }
+    out
+}
+
+/// Inf and NaN scales: the AVX2 bf16 kernel gives what its emulation gives (NaN for the
+/// rows they reach).
+#[test]
+fn avx2_bf16_kernel_keeps_non_finite_values() {
+    if !GemvKernel::Avx2Bf16.is_supported() {
+        eprintln!("skipped: no AVX2 + FMA + F16C on this CPU");
+        return;
+    }
+    let mut rng = Rng(0x1_0f);
+    let mut layer = Layer::<bf16>::random(&mut rng, 4, 128, 64, QuantType::Nf4, false, 1);
+    if let Absmax::Plain(absmax) = &mut layer.scales {
+        absmax[1] = f32::INFINITY;
+        absmax[4] = f32::NAN;
+    }
+    let weight = layer.weight();
+    let got = layer.run(GemvKernel::Avx2Bf16, false);
+    let want = emulate_avx2_bf16(&weight, &layer.x, None, layer.cols);
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            g.to_f32().is_nan() == w.to_f32().is_nan() && (w.is_nan() || g == w),
+            "{g} vs {w}"
+        );
+    }
+    assert!(got[0].is_nan() && got[2].is_nan(), "{got:?}");
+}
+
+/// Each bf16 kernel with its emulation and bound, the lane kernel its other inputs take,
+/// and the seed of its cases.
+const BF16_KERNELS: [(GemvKernel, (Emulation, Bound), GemvKernel, u64); 2] = [
+    (
+        GemvKernel::Avx512Bf16,
+        (emulate_bf16, bf16_bound),
+        GemvKernel::Avx512,
+        0xbf16,
+    ),
+    (
+        GemvKernel::Avx2Bf16,
+        (emulate_avx2_bf16, fma_bound),
+        GemvKernel::Avx2,
+        0xa2bf,
+    ),
+];
+
+/// The bf16 kernels this CPU runs (a skip message for the others).
+fn supported_bf16_kernels(
+) -> impl Iterator<Item = (GemvKernel, (Emulation, Bound), GemvKernel, u64)> {
+    BF16_KERNELS.into_iter().filter(|(kernel, ..)| {
+        let supported = kernel.is_supported();
+        if !supported {
+            eprintln!("skipped {}: this CPU lacks it", kernel.name());
+        }
+        supported
+    })
+}
+
+#[test]
+fn bf16_kernels_follow_their_documented_order_and_bound() {
+    for (kernel, emulation, _, seed) in supported_bf16_kernels() {
+        bf16_order_cases(seed, |layer, what| {
+            check_against_emulation(
+                kernel,
+                emulation,
+                layer,
+                &format!("{} {what}", kernel.name()),
+            )
+        });
     }
 }
 
-/// Layouts and element types the BF16 kernel does not take run the AVX-512 lane kernel.
+/// Subnormal inputs, weights (tiny scales) and products (tiny inputs times small weights):
+/// `avx512bf16` flushes them as documented (the bound counts the flushed terms),
+/// `avx2bf16` keeps them (exact float32 arithmetic); each is bit for bit its emulation.
 #[test]
-fn bf16_kernel_falls_back_to_avx512_elsewhere() {
-    if !GemvKernel::Avx512Bf16.is_supported() {
-        eprintln!("skipped: no AVX512-BF16 on this CPU");
-        return;
+fn bf16_kernels_treat_subnormals_as_documented() {
+    for (kernel, emulation, _, seed) in supported_bf16_kernels() {
+        for (layer, what) in subnormal_layers(seed ^ 0xde_0a11) {
+            check_against_emulation(
+                kernel,
+                emulation,
+                &layer,
+                &format!("{} {what}", kernel.name()),
+            );
+        }
     }
-    let mut rng = Rng(0xfa11);
-    for (rows, cols, blocksize) in [(4, 128, 32), (5, 100, 64), (3, 96, 64), (2, 33, 128)] {
-        let layer = Layer::<bf16>::random(&mut rng, rows, cols, blocksize, QuantType::Nf4, true, 2);
-        let lanes = layer.run(GemvKernel::Avx512, true);
-        assert_eq!(bits(&layer.run(GemvKernel::Avx512Bf16, true)), bits(&lanes));
+}
+
+/// Layouts and element types a bf16 kernel does not take run its lane kernel, bit for bit.
+#[test]
+fn bf16_kernels_fall_back_to_their_lane_kernel_elsewhere() {
+    for (kernel, _, lanes, seed) in supported_bf16_kernels() {
+        let mut rng = Rng(seed ^ 0xfa11);
+        for (rows, cols, blocksize) in [(4, 128, 32), (5, 100, 64), (3, 96, 64), (2, 33, 128)] {
+            let layer =
+                Layer::<bf16>::random(&mut rng, rows, cols, blocksize, QuantType::Nf4, true, 2);
+            assert_eq!(
+                bits(&layer.run(kernel, true)),
+                bits(&layer.run(lanes, true)),
+                "{kernel:?}"
+            );
+        }
+        for quant_type in QuantType::ALL {
+            let layer = Layer::<f32>::random(&mut rng, 4, 128, 64, quant_type, true, 2);
+            assert_eq!(
+                bits(&layer.run(kernel, true)),
+                bits(&layer.run(lanes, true)),
+                "{kernel:?}"
+            );
+            let layer = Layer::<f16>::random(&mut rng, 4, 128, 64, quant_type, true, 2);
+            assert_eq!(
+                bits(&layer.run(kernel, true)),
+                bits(&layer.run(lanes, true)),
+                "{kernel:?}"
+            );
+        }
     }
-    let layer = Layer::<f32>::random(&mut rng, 4, 128, 64, QuantType::Nf4, true, 2);
-    assert_eq!(
-        bits(&layer.run(GemvKernel::Avx512Bf16, true)),
-        bits(&layer.run(GemvKernel::Avx512, true))
-    );
 }
 
 #[test]

@@ -364,7 +364,7 @@ fn gemv_4bit(
     }
 }
 
-/// The CPU kernel `gemv_4bit` runs (`portable`, `avx512` or `avx512bf16`): the one
+/// The CPU kernel `gemv_4bit` runs (`portable`, `avx2`, `avx2bf16`, `avx512` or `avx512bf16`): the one
 /// `QLORAKIT_CPU_KERNEL` forces, else the CPU's best. `QuantizationError` if the variable
 /// names no kernel, or one this CPU lacks.
 #[pyfunction]

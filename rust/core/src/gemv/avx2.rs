@@ -97,6 +97,7 @@ unsafe fn row_lanes_for<const ROUNDING: u8, const B: usize>(
     while done < len {
         let first = start + done;
         let (block, piece) = weight.piece(first, len - done);
+        weight.prefetch_ahead(first, piece);
         let scale = weight.scales.get(block);
         let scale_lanes = _mm256_set1_ps(scale);
         let may_be_nan = !scale.is_finite(); // code * scale is NaN only for an Inf or NaN scale
@@ -176,7 +177,7 @@ unsafe fn row_lanes_for<const ROUNDING: u8, const B: usize>(
 /// AVX-512 kernel's `round_table` on 8 lanes. `may_be_nan`: whether any lane can be NaN.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn round_table(table: __m256, rounding: TableRounding, may_be_nan: bool) -> __m256 {
+pub(super) fn round_table(table: __m256, rounding: TableRounding, may_be_nan: bool) -> __m256 {
     match rounding {
         TableRounding::Float32 => table,
         TableRounding::Bfloat16 => {

@@ -97,6 +97,7 @@ unsafe fn row_lanes_for<const LANE_ORDERED: bool, const ROUNDING: u8, const B: u
     while done < len {
         let first = start + done;
         let (block, piece) = weight.piece(first, len - done);
+        weight.prefetch_ahead(first, piece);
         let scale = weight.scales.get(block);
         let table = round_table(
             _mm512_mul_ps(codes, _mm512_set1_ps(scale)),

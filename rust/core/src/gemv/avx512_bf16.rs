@@ -110,6 +110,7 @@ unsafe fn row_sums_for<const B: usize>(
     };
     let mut k = 0;
     while k + 2 <= chunks {
+        weight.prefetch_ahead(start + k * BF16_CHUNK, 2 * BF16_CHUNK);
         let (even0, odd0) = decode(k);
         let (even1, odd1) = decode(k + 1);
         for (b, acc) in acc.iter_mut().enumerate() {

@@ -32,14 +32,18 @@ pub(super) enum Plan {
     /// The AVX512-BF16 kernel: x as bf16, per chunk of 64 the even elements then the odd.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Bf16Pairs,
+    /// The AVX2 bf16 kernel: x as float32, each chunk of 64 in the kernel's order
+    /// ([`super::avx2_bf16::CHUNK_ELEMENT`]).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Bf16Words,
 }
 
 /// Elements per chunk of the BF16 kernel (32 packed bytes).
 pub(super) const BF16_CHUNK: usize = 64;
 
 impl Plan {
-    /// The plan for `kernel` on this CPU, element type and layout: the BF16 kernel needs
-    /// bfloat16 input, blocks of at least a chunk and rows of whole chunks; the AVX-512
+    /// The plan for `kernel` on this CPU, element type and layout: the two bf16 kernels
+    /// need bfloat16 input, blocks of at least a chunk and rows of whole chunks; the AVX-512
     /// lane kernel an element type it has table rounding for; the AVX2 one that too, rows
     /// of whole groups and blocks of at least a group; else portable.
     pub(super) fn choose<T: Element>(kernel: GemvKernel, block_shift: u32, cols: usize) -> Plan {
@@ -47,6 +51,9 @@ impl Plan {
         let chunked = (1usize << block_shift) >= BF16_CHUNK && cols.is_multiple_of(BF16_CHUNK);
         if kernel == GemvKernel::Avx512Bf16 && kernel.is_supported() && bf16_input && chunked {
             return Plan::Bf16Pairs;
+        }
+        if kernel == GemvKernel::Avx2Bf16 && kernel.is_supported() && bf16_input && chunked {
+            return Plan::Bf16Words;
         }
         let wide = matches!(kernel, GemvKernel::Avx512 | GemvKernel::Avx512Bf16);
         match TableRounding::of::<T>() {
@@ -61,8 +68,8 @@ impl Plan {
                 })
             }
             Some(rounding)
-                if kernel == GemvKernel::Avx2
-                    && kernel.is_supported()
+                if matches!(kernel, GemvKernel::Avx2 | GemvKernel::Avx2Bf16)
+                    && GemvKernel::Avx2.is_supported()
                     && cols.is_multiple_of(GEMV_LANES)
                     && (1usize << block_shift) >= GEMV_LANES =>
             {
@@ -82,6 +89,8 @@ pub(super) enum Prepared<'a> {
     },
     #[cfg(target_arch = "x86_64")]
     Bf16Pairs(&'a [u16]),
+    #[cfg(target_arch = "x86_64")]
+    Bf16Words(&'a [f32]),
 }
 
 thread_local! {
@@ -118,8 +127,15 @@ pub(super) fn with_prepared<T: Element, R>(
             to_bf16_pairs(x, pairs);
             f(Prepared::Bf16Pairs(pairs))
         }),
+        #[cfg(target_arch = "x86_64")]
+        Plan::Bf16Words => with_scratch(&FLOATS, x.len(), |words| {
+            to_bf16_words(x, words);
+            f(Prepared::Bf16Words(words))
+        }),
         #[cfg(not(target_arch = "x86_64"))]
-        Plan::Bf16Pairs => unreachable!("the BF16 kernel is only planned on x86-64"),
+        Plan::Bf16Pairs | Plan::Bf16Words => {
+            unreachable!("the bf16 kernels are only planned on x86-64")
+        }
         Plan::Lanes(kernel) => {
             let lane_ordered = matches!(
                 kernel,
@@ -171,6 +187,21 @@ fn to_bf16_pairs<T: Element>(x: &[T], out: &mut [u16]) {
         for ((pair, e), o) in chunk.chunks_exact(2).zip(even).zip(odd) {
             *e = bits(pair[0]);
             *o = bits(pair[1]);
+        }
+    }
+}
+
+/// `x` (whole chunks of 64) widened to float32, each chunk in the AVX2 bf16 kernel's
+/// order: `out[64 k + i] = x[64 k + CHUNK_ELEMENT[i]]`.
+#[cfg(target_arch = "x86_64")]
+fn to_bf16_words<T: Element>(x: &[T], out: &mut [f32]) {
+    use super::avx2_bf16::CHUNK_ELEMENT;
+    for (chunk, out) in x
+        .chunks_exact(BF16_CHUNK)
+        .zip(out.chunks_exact_mut(BF16_CHUNK))
+    {
+        for (out, &element) in out.iter_mut().zip(&CHUNK_ELEMENT) {
+            *out = chunk[element].to_f32();
         }
     }
 }

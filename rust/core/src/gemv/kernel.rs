@@ -8,8 +8,8 @@ use crate::error::{QuantError, Result};
 pub const CPU_KERNEL_ENV: &str = "QLORAKIT_CPU_KERNEL";
 
 /// An implementation of the fused kernel. `Portable`, `Avx2` and `Avx512` share one
-/// summation order and return bit-identical results; `Avx512Bf16` has its own (see the module
-/// documentation of [`crate::gemv`]).
+/// summation order and return bit-identical results; `Avx2Bf16` and `Avx512Bf16` each have
+/// their own (see the module documentation of [`crate::gemv`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemvKernel {
     /// Plain Rust, any CPU.
@@ -19,6 +19,11 @@ pub enum GemvKernel {
     /// at least 16 (every packed layout bitsandbytes writes with such rows); other
     /// layouts take [`GemvKernel::Portable`].
     Avx2,
+    /// AVX2 plus FMA and F16C, for bfloat16 inputs where the layout allows (blocksize at
+    /// least 64, columns a multiple of 64): the bf16 weights of a block looked up 32 at a
+    /// time by `pshufb` in byte tables, widened to float32 and fused-multiply-added.
+    /// Other inputs take [`GemvKernel::Avx2`].
+    Avx2Bf16,
     /// x86-64 AVX-512 F/BW/VL: the 16-entry table of a block held in one register,
     /// looked up per lane by `permutexvar`.
     Avx512,
@@ -30,18 +35,21 @@ pub enum GemvKernel {
 
 impl GemvKernel {
     /// Every kernel, slowest first.
-    pub const ALL: [GemvKernel; 4] = [
+    pub const ALL: [GemvKernel; 5] = [
         GemvKernel::Portable,
         GemvKernel::Avx2,
+        GemvKernel::Avx2Bf16,
         GemvKernel::Avx512,
         GemvKernel::Avx512Bf16,
     ];
 
-    /// The name `QLORAKIT_CPU_KERNEL` takes: `portable`, `avx2`, `avx512` or `avx512bf16`.
+    /// The name `QLORAKIT_CPU_KERNEL` takes: `portable`, `avx2`, `avx2bf16`, `avx512`
+    /// or `avx512bf16`.
     pub fn name(self) -> &'static str {
         match self {
             GemvKernel::Portable => "portable",
             GemvKernel::Avx2 => "avx2",
+            GemvKernel::Avx2Bf16 => "avx2bf16",
             GemvKernel::Avx512 => "avx512",
             GemvKernel::Avx512Bf16 => "avx512bf16",
         }
@@ -71,11 +79,16 @@ impl GemvKernel {
             #[cfg(target_arch = "x86_64")]
             GemvKernel::Avx2 => crate::dispatch::has_avx2_f16c(),
             #[cfg(target_arch = "x86_64")]
+            GemvKernel::Avx2Bf16 => crate::dispatch::has_avx2_fma_f16c(),
+            #[cfg(target_arch = "x86_64")]
             GemvKernel::Avx512 => crate::dispatch::has_avx512(),
             #[cfg(target_arch = "x86_64")]
             GemvKernel::Avx512Bf16 => crate::dispatch::has_avx512_bf16(),
             #[cfg(not(target_arch = "x86_64"))]
-            GemvKernel::Avx2 | GemvKernel::Avx512 | GemvKernel::Avx512Bf16 => false,
+            GemvKernel::Avx2
+            | GemvKernel::Avx2Bf16
+            | GemvKernel::Avx512
+            | GemvKernel::Avx512Bf16 => false,
         }
     }
 
@@ -84,6 +97,7 @@ impl GemvKernel {
         match self {
             GemvKernel::Portable => "none",
             GemvKernel::Avx2 => "x86-64 AVX2 and F16C",
+            GemvKernel::Avx2Bf16 => "x86-64 AVX2, FMA and F16C",
             GemvKernel::Avx512 => "x86-64 AVX-512 F/BW/VL",
             GemvKernel::Avx512Bf16 => "x86-64 AVX-512 F/BW/VL and AVX512-BF16",
         }

@@ -13,13 +13,17 @@
 //! # Kernels
 //!
 //! [`GemvKernel::selected`] picks the kernel: the CPU's best, or the one the environment
-//! variable `QLORAKIT_CPU_KERNEL` (`portable`, `avx2`, `avx512`, `avx512bf16`; read once
-//! per process) forces. An unknown name, or a kernel this CPU lacks, makes every call fail with an error
-//! naming the variable. `avx512bf16` applies to bfloat16 inputs with blocksize >= 64 and
-//! `cols` a multiple of 64; other inputs under it take `avx512`. `avx2` applies to rows of
-//! whole groups of 16 and blocks of at least 16; other layouts under it take `portable`.
+//! variable `QLORAKIT_CPU_KERNEL` (`portable`, `avx2`, `avx2bf16`, `avx512`, `avx512bf16`;
+//! read once per process) forces. An unknown name, or a kernel this CPU lacks, makes every
+//! call fail with an error naming the variable. `avx512bf16` and `avx2bf16` apply to
+//! bfloat16 inputs with blocksize >= 64 and `cols` a multiple of 64; other inputs under them
+//! take `avx512` and `avx2`. `avx2` applies to rows of whole groups of 16 and blocks of at
+//! least 16; other layouts under it take `portable`.
 //!
-//! # Summation order of `portable`, `avx2` and `avx512` (bfloat16 too, but for `avx512bf16`)
+//! Every SIMD kernel prefetches the packed bytes `PREFETCH_BYTES` (4 KiB) ahead of those it
+//! decodes: the order of the loads, not of the arithmetic, so results are unchanged.
+//!
+//! # Summation order of `portable`, `avx2` and `avx512` (bfloat16 too, but for the bf16 kernels)
 //!
 //! Fixed, the same on every CPU and in all three kernels, so their results are
 //! bit-identical: a
@@ -44,6 +48,16 @@
 //! subnormal bfloat16 weights or inputs, products below 2^-126, and partial sums below
 //! 2^-126 count as zero. This is the one difference to exact float32 arithmetic.
 //!
+//! # Summation order of `avx2bf16`
+//!
+//! Its own, also fixed: 8 accumulators of 8 float32 lanes; the row is walked in chunks of
+//! 64 elements (one scale per chunk, as above), and lane `d` of accumulator `a` takes
+//! element `CHUNK_ELEMENT[8 a + d]` of every chunk in turn (`avx2_bf16::CHUNK_ELEMENT`,
+//! the order its byte shuffles produce), by a fused multiply-add: the product of two bf16
+//! values is exact in float32, so each step rounds once, like an add. The fold: accumulators
+//! `(0 + 1) + (2 + 3)` and `(4 + 5) + (6 + 7)`, then those two; then lanes `i` and `i + 4`,
+//! `i + 2`, `i + 1`; then bias and rounding as above. Subnormals are kept (no flush).
+//!
 //! # Error bound
 //!
 //! Every kernel returns the same result on every run and thread count (each output is
@@ -51,12 +65,13 @@
 //! weight as dequantized (in `T`) with `x`, plus the bias (`n` = `cols` + 1 terms `t_i`),
 //! the float32 sum before the final rounding is within
 //! `gamma_n * sum |t_i|` (`gamma_n = n u / (1 - n u)`, `u = 2^-24`, any summation order) for
-//! `portable` and `avx512`, and within `gamma_n * sum |t_i| + sum_{flushed} |t_i| +
+//! `portable`, `avx2`, `avx2bf16` and `avx512`, and within `gamma_n * sum |t_i| + sum_{flushed} |t_i| +
 //! cols * 2^-126` for `avx512bf16` (the terms flushed as above, and one flush of at most
 //! 2^-126 per addition of the dot products); the rounding to `T` then adds at most
 //! `u_T |value|` plus half of `T`'s smallest subnormal.
 
 mod avx2;
+mod avx2_bf16;
 pub(crate) mod avx512;
 mod avx512_bf16;
 mod input;
@@ -98,6 +113,14 @@ const MIN_PARALLEL_ELEMENTS: usize = 1 << 20;
 const MIN_TASK_ELEMENTS: usize = 1 << 18;
 /// Tasks per pool thread, at most: enough to balance when a thread is busy elsewhere.
 const TASKS_PER_THREAD: usize = 4;
+
+/// How far ahead of the bytes they decode the SIMD kernels prefetch the packed codes.
+/// The hardware prefetchers alone left a decode chain (each layer's bytes from memory)
+/// waiting on loads at a third of a plain copy's bandwidth; 4 KiB (two rows of 4096
+/// columns) is past the latency and within what the caches hold (`tools/bench_gemv.py`).
+const PREFETCH_BYTES: usize = 4096;
+/// Bytes of a cache line, the unit of a prefetch.
+const CACHE_LINE: usize = 64;
 
 /// `LANE_ELEMENT[lane]`: the element of a group of 16 that adds to accumulator `lane`.
 ///
@@ -289,6 +312,23 @@ impl Weight<'_> {
         )
     }
 
+    /// Asks the CPU to bring the packed bytes of elements `first..first + len`, moved
+    /// [`PREFETCH_BYTES`] ahead, into the cache: one prefetch per cache line. A hint only
+    /// (it never faults, so the address may lie past the buffer's end).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn prefetch_ahead(&self, first: usize, len: usize) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let ahead = self
+            .packed
+            .as_ptr()
+            .wrapping_add(first / 2 + PREFETCH_BYTES);
+        for line in (0..len.div_ceil(2)).step_by(CACHE_LINE) {
+            // SAFETY: a prefetch reads nothing and never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast()) };
+        }
+    }
+
     /// The sums (before the bias) of weight row `row` with each of the `batch` input rows.
     #[inline]
     fn row_sums<T: Element>(
@@ -312,6 +352,21 @@ impl Weight<'_> {
                     // support and the layout (see `Plan::choose`); each of the `n` rows
                     // of `xs` is one arranged row of `cols` elements.
                     unsafe { avx512_bf16::row_sums(self, row, xs, &mut sums[b0..b0 + n]) };
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Prepared::Bf16Words(x) => {
+                for b0 in (0..batch).step_by(avx2_bf16::WORDS_BATCH) {
+                    let n = (batch - b0).min(avx2_bf16::WORDS_BATCH);
+                    let xs = XRows {
+                        x: &x[b0 * self.cols..],
+                        stride: self.cols,
+                        skip: 0,
+                    };
+                    // SAFETY: `Bf16Words` is only prepared after checking the CPU's
+                    // support and the layout (see `Plan::choose`); each of the `n` rows
+                    // of `xs` is one arranged row of `cols` elements.
+                    unsafe { avx2_bf16::row_sums(self, row, xs, &mut sums[b0..b0 + n]) };
                 }
             }
             Prepared::Float32 { x, kernel } => {

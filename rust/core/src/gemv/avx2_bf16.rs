@@ -1,0 +1,207 @@
+//! AVX2 kernel for bfloat16 inputs (no AVX-512 needed): per chunk of 64 elements (32
+//! packed bytes, one block scale), the low and high nibbles of the bytes are each looked
+//! up 32 at a time with `pshufb` in two 16-byte tables (the low and the high byte of the
+//! block's 16 bf16 weights), the two byte vectors are interleaved into bf16 words, and
+//! each register of 16 words widens to float32 by a shift (its even words) and a mask
+//! (its odd words). The 8 float32 vectors of a chunk go to 8 accumulators by fused
+//! multiply-add with x, which was arranged once per call in the same order
+//! ([`CHUNK_ELEMENT`]). The product of two bf16 values is exact in float32, so each
+//! multiply-add rounds once, as the separate multiply and add of the lane kernels would;
+//! the order is the kernel's own (module documentation of [`crate::gemv`]). The block's
+//! weights are `T(code * scale)` rounded as [`super::avx2`] rounds them, bit for bit as
+//! dequantization.
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+use super::avx2::round_table;
+use super::input::BF16_CHUNK;
+use super::{TableRounding, Weight, XRows};
+
+/// Accumulators of 8 float32 lanes per input row: one per decoded vector of a chunk.
+pub const WORD_ACCUMULATORS: usize = 8;
+/// Lanes of one accumulator.
+const LANES: usize = 8;
+
+/// Input rows one call of this kernel carries. With 8 accumulators a row, one row fills
+/// half of the 16 registers; more rows per call would keep accumulators in memory.
+pub(super) const WORDS_BATCH: usize = 1;
+
+/// `CHUNK_ELEMENT[8 a + d]`: the element of a chunk of 64 that lane `d` of accumulator
+/// `a` takes. With `j = 2 d + (a % 2)` (the word of a 16-word register: even words widen
+/// by the shift, odd ones by the mask), `p = j % 8 + 8 ((a / 2) % 2) + 16 (j / 8)` (the
+/// byte `unpacklo`/`unpackhi` put there) and the nibble `a / 4` (0: high nibbles, the even
+/// elements; 1: low nibbles, the odd ones), the element is `2 p + a / 4`.
+pub const CHUNK_ELEMENT: [usize; BF16_CHUNK] = {
+    let mut map = [0; BF16_CHUNK];
+    let mut i = 0;
+    while i < BF16_CHUNK {
+        let (a, d) = (i / LANES, i % LANES);
+        let j = 2 * d + a % 2;
+        let p = j % 8 + 8 * ((a / 2) % 2) + 16 * (j / 8);
+        map[i] = 2 * p + a / 4;
+        i += 1;
+    }
+    map
+};
+
+/// [`row_sums_for`] for `sums.len()` (1 to [`WORDS_BATCH`]) input rows.
+///
+/// # Safety
+/// As [`row_sums_for`].
+pub(super) unsafe fn row_sums(
+    weight: &Weight<'_>,
+    row: usize,
+    xs: XRows<'_, f32>,
+    sums: &mut [f32],
+) {
+    debug_assert!(sums.len() == WORDS_BATCH);
+    let x = [xs.row(0)];
+    // SAFETY: forwarded.
+    sums[0] = unsafe { row_sums_for(weight, row, x) }[0];
+}
+
+/// The sums (folded, before the bias) of weight row `row` with each of the `B` arranged
+/// input rows.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `weight.cols` must be a multiple of 64 and the
+/// blocksize at least 64; `row < rows`; each x row holds `cols` float32 values, arranged
+/// per chunk as [`CHUNK_ELEMENT`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_sums_for<const B: usize>(
+    weight: &Weight<'_>,
+    row: usize,
+    xs: [&[f32]; B],
+) -> [f32; B] {
+    let cols = weight.cols;
+    let start = row * cols;
+    let chunks = cols / BF16_CHUNK;
+    let v = weight.values;
+    // The codebook as the table build below wants it: entries 0-3 and 8-11, 4-7 and 12-15.
+    let codes_a = _mm256_setr_ps(v[0], v[1], v[2], v[3], v[8], v[9], v[10], v[11]);
+    let codes_b = _mm256_setr_ps(v[4], v[5], v[6], v[7], v[12], v[13], v[14], v[15]);
+    // Bytes 2 and 3 of each float32 lane (the rounded bf16) to byte positions 0-3 and
+    // 8-11 of each 128-bit half (`codes_a`), 4-7 and 12-15 (`codes_b`); -1 writes zero.
+    #[rustfmt::skip]
+    let (pick_a, pick_b) = (
+        _mm256_setr_epi8(
+            2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15, -1, -1, -1, -1,
+            2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15, -1, -1, -1, -1,
+        ),
+        _mm256_setr_epi8(
+            -1, -1, -1, -1, 2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15,
+            -1, -1, -1, -1, 2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15,
+        ),
+    );
+    let low_nibbles = _mm256_set1_epi8(0x0f);
+    // Through black_box: a known mask would be turned into a blend with zero, which runs
+    // on the two shuffle pipes instead of any vector pipe.
+    let high_words = std::hint::black_box(_mm256_set1_epi32(0xffff_0000_u32 as i32));
+    let mut acc = [[_mm256_setzero_ps(); WORD_ACCUMULATORS]; B];
+    let mut table_block = usize::MAX;
+    let (mut table_low, mut table_high) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    let xp: [*const f32; B] = xs.map(|x| x.as_ptr());
+    for k in 0..chunks {
+        let first = start + k * BF16_CHUNK;
+        if k % 2 == 0 {
+            weight.prefetch_ahead(first, 2 * BF16_CHUNK); // a cache line: two chunks
+        }
+        let block = first >> weight.block_shift;
+        if block != table_block {
+            let scale = weight.scales.get(block);
+            let scale_lanes = _mm256_set1_ps(scale);
+            let may_be_nan = !scale.is_finite(); // code * scale is NaN only for these
+            let round = |codes| {
+                let product = _mm256_mul_ps(codes, scale_lanes);
+                if may_be_nan {
+                    _mm256_castps_si256(round_table(product, TableRounding::Bfloat16, true))
+                } else {
+                    bf16_high_half(product)
+                }
+            };
+            // Per 128-bit half: the low bytes of entries 0-7 (or 8-15), then their high
+            // bytes; each table is one 64-bit lane of each half, in both halves.
+            let halves = _mm256_or_si256(
+                _mm256_shuffle_epi8(round(codes_a), pick_a),
+                _mm256_shuffle_epi8(round(codes_b), pick_b),
+            );
+            table_low = _mm256_permute4x64_epi64::<0b10_00_10_00>(halves);
+            table_high = _mm256_permute4x64_epi64::<0b11_01_11_01>(halves);
+            table_block = block;
+        }
+        // SAFETY (pointer arithmetic): chunk `k` of the row is elements `first ..` + 64,
+        // bytes `first / 2 ..` + 32, inside `packed` (checked for `rows * cols`
+        // elements); its x values are `64 k ..` + 64 of each row.
+        let bytes = _mm256_loadu_si256(weight.packed.as_ptr().add(first / 2).cast());
+        let nibbles = [
+            _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low_nibbles),
+            _mm256_and_si256(bytes, low_nibbles),
+        ];
+        for (n, codes) in nibbles.into_iter().enumerate() {
+            let low = _mm256_shuffle_epi8(table_low, codes);
+            let high = _mm256_shuffle_epi8(table_high, codes);
+            let words = [
+                _mm256_unpacklo_epi8(low, high),
+                _mm256_unpackhi_epi8(low, high),
+            ];
+            for (w, words) in words.into_iter().enumerate() {
+                let floats = [
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(words)),
+                    _mm256_castsi256_ps(_mm256_and_si256(words, high_words)),
+                ];
+                for (parity, weights) in floats.into_iter().enumerate() {
+                    let a = 4 * n + 2 * w + parity;
+                    for (acc, xp) in acc.iter_mut().zip(xp) {
+                        let x = _mm256_loadu_ps(xp.add(k * BF16_CHUNK + a * LANES));
+                        acc[a] = _mm256_fmadd_ps(weights, x, acc[a]);
+                    }
+                }
+            }
+        }
+    }
+    acc.map(|acc| fold(acc))
+}
+
+/// `v` (no lane NaN) rounded to bfloat16 to nearest even, in the upper 16 bits of each
+/// lane (the lower 16 are left as they fall: only bytes 2 and 3 are used).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn bf16_high_half(v: __m256) -> __m256i {
+    let bits = _mm256_castps_si256(v);
+    let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+    _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd)
+}
+
+/// The kernel's fold: accumulators `(0 + 1) + (2 + 3)` and `(4 + 5) + (6 + 7)`, then
+/// those two; then lanes `i` and `i + 4`, `i + 2`, `i + 1`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn fold(acc: [__m256; WORD_ACCUMULATORS]) -> f32 {
+    let pair = |a, b| _mm256_add_ps(a, b);
+    let sum = pair(
+        pair(pair(acc[0], acc[1]), pair(acc[2], acc[3])),
+        pair(pair(acc[4], acc[5]), pair(acc[6], acc[7])),
+    );
+    let four = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
+    let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    let one = _mm_add_ss(two, _mm_shuffle_ps::<0b01>(two, two));
+    _mm_cvtss_f32(one)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_order_is_a_permutation() {
+        let mut seen = [false; BF16_CHUNK];
+        for &element in &CHUNK_ELEMENT {
+            assert!(!seen[element]);
+            seen[element] = true;
+        }
+        // Accumulator 0 takes even elements from the first bytes of each 128-bit half.
+        assert_eq!(CHUNK_ELEMENT[..LANES], [0, 4, 8, 12, 32, 36, 40, 44]);
+        assert_eq!(CHUNK_ELEMENT[7 * LANES..], [19, 23, 27, 31, 51, 55, 59, 63]);
+    }
+}
