@@ -23,9 +23,15 @@ pub const WORD_ACCUMULATORS: usize = 8;
 /// Lanes of one accumulator.
 const LANES: usize = 8;
 
-/// Input rows one call of this kernel carries. With 8 accumulators a row, one row fills
-/// half of the 16 registers; more rows per call would keep accumulators in memory.
-pub(super) const WORDS_BATCH: usize = 1;
+/// Input rows one call of this kernel carries: all of a batch. One row decodes and
+/// multiplies chunk by chunk (its 8 accumulators fill half of the 16 registers); several
+/// rows decode a segment of chunks once into a stack buffer and then walk it once per row,
+/// in the same order, so each row's sums are bit for bit those of the row alone.
+pub(super) const WORDS_BATCH: usize = super::GEMV_MAX_BATCH;
+
+/// Chunks of a segment of the several-row path: 16 chunks of 8 vectors, 4 KiB of stack,
+/// well inside L1.
+const SEGMENT_CHUNKS: usize = 16;
 
 /// `CHUNK_ELEMENT[8 a + d]`: the element of a chunk of 64 that lane `d` of accumulator
 /// `a` takes. With `j = 2 d + (a % 2)` (the word of a 16-word register: even words widen
@@ -45,122 +51,201 @@ pub const CHUNK_ELEMENT: [usize; BF16_CHUNK] = {
     map
 };
 
-/// [`row_sums_for`] for `sums.len()` (1 to [`WORDS_BATCH`]) input rows.
+/// The sums (folded, before the bias) of weight row `row` with each of the `sums.len()`
+/// (1 to [`WORDS_BATCH`]) arranged input rows of `xs`.
 ///
 /// # Safety
-/// As [`row_sums_for`].
+/// The CPU must support AVX2, FMA and F16C; `weight.cols` must be a multiple of 64 and the
+/// blocksize at least 64; `row < rows`; each x row holds `cols` float32 values, arranged
+/// per chunk as [`CHUNK_ELEMENT`].
 pub(super) unsafe fn row_sums(
     weight: &Weight<'_>,
     row: usize,
     xs: XRows<'_, f32>,
     sums: &mut [f32],
 ) {
-    debug_assert!(sums.len() == WORDS_BATCH);
-    let x = [xs.row(0)];
+    debug_assert!((1..=WORDS_BATCH).contains(&sums.len()));
     // SAFETY: forwarded.
-    sums[0] = unsafe { row_sums_for(weight, row, x) }[0];
+    unsafe {
+        if let [sum] = sums {
+            *sum = one_row(weight, row, xs.row(0));
+        } else {
+            several_rows(weight, row, xs, sums);
+        }
+    }
 }
 
-/// The sums (folded, before the bias) of weight row `row` with each of the `B` arranged
-/// input rows.
+/// One input row: each chunk decoded and multiplied into the accumulators at once.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `weight.cols` must be a multiple of 64 and the
-/// blocksize at least 64; `row < rows`; each x row holds `cols` float32 values, arranged
-/// per chunk as [`CHUNK_ELEMENT`].
+/// As [`row_sums`].
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_sums_for<const B: usize>(
-    weight: &Weight<'_>,
-    row: usize,
-    xs: [&[f32]; B],
-) -> [f32; B] {
-    let cols = weight.cols;
-    let start = row * cols;
-    let chunks = cols / BF16_CHUNK;
-    let v = weight.values;
-    // The codebook as the table build below wants it: entries 0-3 and 8-11, 4-7 and 12-15.
-    let codes_a = _mm256_setr_ps(v[0], v[1], v[2], v[3], v[8], v[9], v[10], v[11]);
-    let codes_b = _mm256_setr_ps(v[4], v[5], v[6], v[7], v[12], v[13], v[14], v[15]);
-    // Bytes 2 and 3 of each float32 lane (the rounded bf16) to byte positions 0-3 and
-    // 8-11 of each 128-bit half (`codes_a`), 4-7 and 12-15 (`codes_b`); -1 writes zero.
-    #[rustfmt::skip]
-    let (pick_a, pick_b) = (
-        _mm256_setr_epi8(
-            2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15, -1, -1, -1, -1,
-            2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15, -1, -1, -1, -1,
-        ),
-        _mm256_setr_epi8(
-            -1, -1, -1, -1, 2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15,
-            -1, -1, -1, -1, 2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15,
-        ),
-    );
-    let low_nibbles = _mm256_set1_epi8(0x0f);
-    // Through black_box: a known mask would be turned into a blend with zero, which runs
-    // on the two shuffle pipes instead of any vector pipe.
-    let high_words = std::hint::black_box(_mm256_set1_epi32(0xffff_0000_u32 as i32));
-    let mut acc = [[_mm256_setzero_ps(); WORD_ACCUMULATORS]; B];
-    let mut table_block = usize::MAX;
-    let (mut table_low, mut table_high) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-    let xp: [*const f32; B] = xs.map(|x| x.as_ptr());
-    for k in 0..chunks {
-        let first = start + k * BF16_CHUNK;
-        if k % 2 == 0 {
+unsafe fn one_row(weight: &Weight<'_>, row: usize, x: &[f32]) -> f32 {
+    let start = row * weight.cols;
+    let mut decoder = Decoder::new(weight);
+    let mut acc = [_mm256_setzero_ps(); WORD_ACCUMULATORS];
+    for k in 0..weight.cols / BF16_CHUNK {
+        // SAFETY: chunk `k` of the row (see `Decoder::chunk`); its x values are `64 k ..`
+        // + 64 of the row.
+        let weights = unsafe { decoder.chunk(weight, start + k * BF16_CHUNK) };
+        for (a, (acc, weights)) in acc.iter_mut().zip(weights).enumerate() {
+            let x = unsafe { _mm256_loadu_ps(x.as_ptr().add(k * BF16_CHUNK + a * LANES)) };
+            *acc = _mm256_fmadd_ps(weights, x, *acc);
+        }
+    }
+    fold(acc)
+}
+
+/// Several input rows: per segment of [`SEGMENT_CHUNKS`] chunks, the decoded weights go to
+/// a stack buffer once, then each row adds the whole segment to its accumulators (kept in
+/// memory between segments), chunk by chunk in the order of [`one_row`].
+///
+/// # Safety
+/// As [`row_sums`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn several_rows(weight: &Weight<'_>, row: usize, xs: XRows<'_, f32>, sums: &mut [f32]) {
+    let start = row * weight.cols;
+    let chunks = weight.cols / BF16_CHUNK;
+    let mut decoder = Decoder::new(weight);
+    let mut accs = [[_mm256_setzero_ps(); WORD_ACCUMULATORS]; WORDS_BATCH];
+    let mut decoded = [[_mm256_setzero_ps(); WORD_ACCUMULATORS]; SEGMENT_CHUNKS];
+    for first_chunk in (0..chunks).step_by(SEGMENT_CHUNKS) {
+        let segment = SEGMENT_CHUNKS.min(chunks - first_chunk);
+        for (c, weights) in decoded[..segment].iter_mut().enumerate() {
+            // SAFETY: chunk `first_chunk + c` of the row (see `Decoder::chunk`).
+            *weights = unsafe { decoder.chunk(weight, start + (first_chunk + c) * BF16_CHUNK) };
+        }
+        for (b, accs) in accs[..sums.len()].iter_mut().enumerate() {
+            let x = xs.row(b);
+            let mut acc = *accs;
+            for (c, weights) in decoded[..segment].iter().enumerate() {
+                let k = first_chunk + c;
+                for (a, (acc, &weights)) in acc.iter_mut().zip(weights).enumerate() {
+                    // SAFETY: the x values of chunk `k` are `64 k ..` + 64 of the row.
+                    let x = unsafe { _mm256_loadu_ps(x.as_ptr().add(k * BF16_CHUNK + a * LANES)) };
+                    *acc = _mm256_fmadd_ps(weights, x, *acc);
+                }
+            }
+            *accs = acc;
+        }
+    }
+    for (sum, acc) in sums.iter_mut().zip(accs) {
+        *sum = fold(acc);
+    }
+}
+
+/// Decodes a row's chunks into bf16 weights widened to float32, in accumulator order,
+/// building each block's byte tables when the block changes.
+struct Decoder {
+    /// The codebook as the table build wants it: entries 0-3 and 8-11, 4-7 and 12-15.
+    codes_a: __m256,
+    codes_b: __m256,
+    /// Bytes 2 and 3 of each float32 lane (the rounded bf16) to byte positions 0-3 and
+    /// 8-11 of each 128-bit half (`codes_a`), 4-7 and 12-15 (`codes_b`); -1 writes zero.
+    pick_a: __m256i,
+    pick_b: __m256i,
+    low_nibbles: __m256i,
+    high_words: __m256i,
+    table_block: usize,
+    table_low: __m256i,
+    table_high: __m256i,
+}
+
+impl Decoder {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn new(weight: &Weight<'_>) -> Decoder {
+        let v = weight.values;
+        #[rustfmt::skip]
+        let (pick_a, pick_b) = (
+            _mm256_setr_epi8(
+                2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15, -1, -1, -1, -1,
+                2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15, -1, -1, -1, -1,
+            ),
+            _mm256_setr_epi8(
+                -1, -1, -1, -1, 2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15,
+                -1, -1, -1, -1, 2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15,
+            ),
+        );
+        Decoder {
+            codes_a: _mm256_setr_ps(v[0], v[1], v[2], v[3], v[8], v[9], v[10], v[11]),
+            codes_b: _mm256_setr_ps(v[4], v[5], v[6], v[7], v[12], v[13], v[14], v[15]),
+            pick_a,
+            pick_b,
+            low_nibbles: _mm256_set1_epi8(0x0f),
+            // Through black_box: a known mask would be turned into a blend with zero,
+            // which runs on the two shuffle pipes instead of any vector pipe.
+            high_words: std::hint::black_box(_mm256_set1_epi32(0xffff_0000_u32 as i32)),
+            table_block: usize::MAX,
+            table_low: _mm256_setzero_si256(),
+            table_high: _mm256_setzero_si256(),
+        }
+    }
+
+    /// The 64 weights of the chunk that starts at element `first` (a multiple of 64),
+    /// as 8 vectors, vector `a` lane `d` holding element `CHUNK_ELEMENT[8 a + d]`.
+    ///
+    /// # Safety
+    /// As [`row_sums`]; elements `first..first + 64` lie inside the weight, which holds
+    /// whole chunks of one block each.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn chunk(&mut self, weight: &Weight<'_>, first: usize) -> [__m256; WORD_ACCUMULATORS] {
+        if (first / BF16_CHUNK).is_multiple_of(2) {
             weight.prefetch_ahead(first, 2 * BF16_CHUNK); // a cache line: two chunks
         }
         let block = first >> weight.block_shift;
-        if block != table_block {
-            let scale = weight.scales.get(block);
-            let scale_lanes = _mm256_set1_ps(scale);
-            let may_be_nan = !scale.is_finite(); // code * scale is NaN only for these
-            let round = |codes| {
-                let product = _mm256_mul_ps(codes, scale_lanes);
-                if may_be_nan {
-                    _mm256_castps_si256(round_table(product, TableRounding::Bfloat16, true))
-                } else {
-                    bf16_high_half(product)
-                }
-            };
-            // Per 128-bit half: the low bytes of entries 0-7 (or 8-15), then their high
-            // bytes; each table is one 64-bit lane of each half, in both halves.
-            let halves = _mm256_or_si256(
-                _mm256_shuffle_epi8(round(codes_a), pick_a),
-                _mm256_shuffle_epi8(round(codes_b), pick_b),
-            );
-            table_low = _mm256_permute4x64_epi64::<0b10_00_10_00>(halves);
-            table_high = _mm256_permute4x64_epi64::<0b11_01_11_01>(halves);
-            table_block = block;
+        if block != self.table_block {
+            self.build_tables(weight.scales.get(block));
+            self.table_block = block;
         }
-        // SAFETY (pointer arithmetic): chunk `k` of the row is elements `first ..` + 64,
-        // bytes `first / 2 ..` + 32, inside `packed` (checked for `rows * cols`
-        // elements); its x values are `64 k ..` + 64 of each row.
-        let bytes = _mm256_loadu_si256(weight.packed.as_ptr().add(first / 2).cast());
+        // SAFETY: the chunk's bytes are `first / 2 ..` + 32, inside `packed` (checked for
+        // `rows * cols` elements).
+        let bytes = unsafe { _mm256_loadu_si256(weight.packed.as_ptr().add(first / 2).cast()) };
         let nibbles = [
-            _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low_nibbles),
-            _mm256_and_si256(bytes, low_nibbles),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), self.low_nibbles),
+            _mm256_and_si256(bytes, self.low_nibbles),
         ];
+        let mut out = [_mm256_setzero_ps(); WORD_ACCUMULATORS];
         for (n, codes) in nibbles.into_iter().enumerate() {
-            let low = _mm256_shuffle_epi8(table_low, codes);
-            let high = _mm256_shuffle_epi8(table_high, codes);
+            let low = _mm256_shuffle_epi8(self.table_low, codes);
+            let high = _mm256_shuffle_epi8(self.table_high, codes);
             let words = [
                 _mm256_unpacklo_epi8(low, high),
                 _mm256_unpackhi_epi8(low, high),
             ];
             for (w, words) in words.into_iter().enumerate() {
-                let floats = [
-                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(words)),
-                    _mm256_castsi256_ps(_mm256_and_si256(words, high_words)),
-                ];
-                for (parity, weights) in floats.into_iter().enumerate() {
-                    let a = 4 * n + 2 * w + parity;
-                    for (acc, xp) in acc.iter_mut().zip(xp) {
-                        let x = _mm256_loadu_ps(xp.add(k * BF16_CHUNK + a * LANES));
-                        acc[a] = _mm256_fmadd_ps(weights, x, acc[a]);
-                    }
-                }
+                out[4 * n + 2 * w] = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(words));
+                out[4 * n + 2 * w + 1] =
+                    _mm256_castsi256_ps(_mm256_and_si256(words, self.high_words));
             }
         }
+        out
     }
-    acc.map(|acc| fold(acc))
+
+    /// The block's byte tables: per 128-bit half, the low bytes of the 16 rounded
+    /// `code * scale` (`table_low`) and their high bytes (`table_high`), in both halves.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn build_tables(&mut self, scale: f32) {
+        let scale_lanes = _mm256_set1_ps(scale);
+        let may_be_nan = !scale.is_finite(); // code * scale is NaN only for these
+        let round = |codes| {
+            let product = _mm256_mul_ps(codes, scale_lanes);
+            if may_be_nan {
+                _mm256_castps_si256(round_table(product, TableRounding::Bfloat16, true))
+            } else {
+                bf16_high_half(product)
+            }
+        };
+        // Per 128-bit half: the low bytes of entries 0-7 (or 8-15), then their high bytes;
+        // each table is one 64-bit lane of each half, in both halves.
+        let halves = _mm256_or_si256(
+            _mm256_shuffle_epi8(round(self.codes_a), self.pick_a),
+            _mm256_shuffle_epi8(round(self.codes_b), self.pick_b),
+        );
+        self.table_low = _mm256_permute4x64_epi64::<0b10_00_10_00>(halves);
+        self.table_high = _mm256_permute4x64_epi64::<0b11_01_11_01>(halves);
+    }
 }
 
 /// `v` (no lane NaN) rounded to bfloat16 to nearest even, in the upper 16 bits of each
