@@ -170,3 +170,47 @@ def test_nested_scale_buffers_are_validated() -> None:
             byte_view(torch.zeros(3), "nested"),
             0.0,
         )
+
+
+def test_cached_weight_views_follow_the_tensors() -> None:
+    """The CPU dispatch caches the views of a weight's buffers per memory region and layout: in-place updates of
+    the tensors are seen, another layout over the same memory is not served the old entry, and scales that need
+    converting (non-float32 nested scales, non-contiguous codes) take temporaries, all equal to
+    dequantize-then-``F.linear`` within the float32 bound (here: against the uncached reference call)."""
+    from qlorakit.nn import dispatch
+    from qlorakit.packed import PackedWeight
+
+    if dispatch.matvec_weight(qlorakit.quantize(torch.randn(8, 64)), torch.randn(64)) is None:
+        pytest.skip("no fused CPU kernel is routed on this CPU")
+    torch.manual_seed(3)
+
+    def reference(packed: PackedWeight, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.float(), qlorakit.dequantize(packed, torch.float32))
+
+    def check(packed: PackedWeight, x: torch.Tensor) -> torch.Tensor:
+        got = dispatch.matvec_weight(packed, x)
+        assert got is not None
+        want = reference(packed, x)
+        assert torch.allclose(got.float(), want, rtol=1e-5, atol=1e-5), float((got.float() - want).abs().max())
+        return got
+
+    a = qlorakit.quantize(torch.randn(48, 128), "nf4", 64, True)
+    b = qlorakit.quantize(torch.randn(48, 128) * 3, "nf4", 64, True)
+    x = torch.randn(2, 128)
+    first = check(a, x)
+    assert torch.equal(check(a, x), first)  # served from the cache
+    # In place: the same memory now holds b's codes and scales.
+    a.codes.copy_(b.codes)
+    a.absmax.copy_(b.absmax)
+    a.nested_absmax.copy_(b.nested_absmax)  # type: ignore[union-attr]
+    assert not torch.equal(check(a, x), first)  # the cached views read the new contents
+    same_memory_b = PackedWeight(a.codes, a.absmax, a.nested_absmax, b.layout)  # b's offset, over a's memory
+    assert torch.equal(check(same_memory_b, x), check(b, x))
+    # Plain scales, and scales that need converting first.
+    plain = qlorakit.quantize(torch.randn(48, 128), "fp4", 128, False)
+    check(plain, x)
+    bf16_nested = PackedWeight(b.codes, b.absmax, b.nested_absmax.to(torch.bfloat16), b.layout)  # type: ignore[union-attr]
+    check(bf16_nested, x)
+    strided = torch.empty(b.codes.shape[0], 2, dtype=b.codes.dtype)[:, :1]
+    strided.copy_(b.codes)
+    assert torch.equal(check(PackedWeight(strided, b.absmax, b.nested_absmax, b.layout), x), check(b, x))

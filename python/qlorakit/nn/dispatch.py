@@ -120,21 +120,21 @@ def _gemv_cpu(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None) 
     Double-quantized scales go in as stored and are decoded inline, per block, by the kernel: no per-call
     allocation beyond the output, and the layer's memory stays at its packed size."""
     out_features, in_features = packed.shape
-    x = x.reshape(-1, in_features).contiguous()
+    if x.dim() != 2:
+        x = x.reshape(-1, in_features)
+    if not x.is_contiguous():
+        x = x.contiguous()
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
     out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
-    # Every tensor a view is taken of is held by a local until the call returns (address_view's contract).
-    codes = packed.codes.contiguous()
-    if packed.nested_absmax is not None and packed.nested_dtype == torch.float32:
-        absmax, nested = packed.absmax.contiguous(), packed.nested_absmax.float().contiguous()
-        nested_view, offset = address_view(nested, "nested scales"), float(packed.offset)  # type: ignore[arg-type]
-    else:
-        absmax, nested_view, offset = decode_absmax(packed), None, 0.0
+    # Every tensor a view is taken of is held by a local until the call returns (address_view's contract): the
+    # weight's own tensors by `packed`, temporaries by `held`.
+    weight, held = _weight_args(packed)
     share_torch_threads()
+    codes_view, absmax_view, nested_view, offset = weight
     _core.gemv_4bit(
-        address_view(codes, "packed"),
-        address_view(absmax, "absmax"),
+        codes_view,
+        absmax_view,
         packed.quant_type,
         packed.blocksize,
         out_features,
@@ -146,4 +146,55 @@ def _gemv_cpu(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None) 
         nested_view,
         offset,
     )
+    del held
     return out
+
+
+#: Per CPU 4-bit weight, the core's arguments that name its buffers (views, offset), keyed by the buffers' memory
+#: regions (address, bytes) and kept with the layout they were built for: an entry is used only for contiguous
+#: tensors covering exactly those regions, with that same layout object; the views are address-based (as
+#: address_view's: they read what lies there now).
+_WEIGHT_ARGS: dict[tuple[int, ...], tuple[object, tuple]] = {}
+_MAX_WEIGHT_ARGS = 4096
+
+
+def _region(t: torch.Tensor) -> tuple[int, int]:
+    """``(address, bytes)`` of a contiguous tensor's memory."""
+    return t.data_ptr(), t.numel() * t.element_size()
+
+
+def _weight_args(packed: PackedWeight) -> tuple[tuple, tuple[torch.Tensor, ...]]:
+    """``((codes view, absmax view, nested view or None, offset), temporaries)`` for ``_core.gemv_4bit``. Where the
+    weight's tensors go in as stored (contiguous; float32 scales, or uint8 codes with float32 nested scales) the
+    views are cached (building them costs more than a small layer's kernel); otherwise the scales are converted
+    into temporaries, which the caller holds until the call returns."""
+    codes, absmax, nested = packed.codes, packed.absmax, packed.nested_absmax
+    layout = packed.layout
+    as_stored = codes.is_contiguous() and absmax.is_contiguous()
+    if nested is None:
+        as_stored = as_stored and absmax.dtype == torch.float32
+    else:
+        as_stored = as_stored and packed.nested_dtype == torch.float32
+        as_stored = as_stored and nested.dtype == torch.float32 and nested.is_contiguous()
+    if as_stored:
+        key = (*_region(codes), *_region(absmax), *(_region(nested) if nested is not None else (0, 0)))
+        entry = _WEIGHT_ARGS.get(key)
+        if entry is not None and entry[0] is layout:
+            return entry[1], ()
+    held: tuple[torch.Tensor, ...]
+    codes = codes.contiguous()
+    if nested is not None and packed.nested_dtype == torch.float32:
+        absmax, nested = absmax.contiguous(), nested.float().contiguous()
+        nested_view, offset = address_view(nested, "nested scales"), float(packed.offset)  # type: ignore[arg-type]
+        held = (codes, absmax, nested)
+    else:
+        absmax = decode_absmax(packed)
+        nested_view, offset = None, 0.0
+        held = (codes, absmax)
+    weight = (address_view(codes, "packed"), address_view(absmax, "absmax"), nested_view, offset)
+    if as_stored:
+        if len(_WEIGHT_ARGS) >= _MAX_WEIGHT_ARGS:
+            _WEIGHT_ARGS.clear()
+        _WEIGHT_ARGS[key] = (layout, weight)
+        return weight, ()
+    return weight, held
