@@ -192,13 +192,13 @@ def clone_packed(packed: Any) -> Any:
 def last_level_cache_bytes() -> int:
     """The largest cache of CPU 0 that Linux reports (``/sys/devices/system/cpu/cpu0/cache``), 0 where it reports
     none."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
     sizes = [0]
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
             text = (index / "size").read_text().strip()
         except OSError:
             continue
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
         sizes.append(int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text or 0))
     return max(sizes)
 

@@ -65,6 +65,11 @@ _ADDRESS_VIEWS: dict[tuple[int, int], memoryview] = {}
 _MAX_ADDRESS_VIEWS = 8192
 
 
+def memory_region(t: torch.Tensor) -> tuple[int, int]:
+    """``(address, bytes)`` of a contiguous tensor's memory: what :func:`address_view` keys its views by."""
+    return t.data_ptr(), t.numel() * t.element_size()
+
+
 def address_view(t: torch.Tensor, what: str) -> memoryview:
     """:func:`byte_view` for the per-layer-call hot path: the view of a contiguous CPU tensor's memory, built
     once per ``(address, size)`` and reused (building one costs more than a small layer's kernel).
@@ -76,7 +81,7 @@ def address_view(t: torch.Tensor, what: str) -> memoryview:
         raise QuantizationError(f"{what}: tensor is on {t.device}; the CPU core needs a CPU tensor")
     if not t.is_contiguous():
         raise QuantizationError(f"{what}: tensor must be contiguous (call .contiguous() first)")
-    key = (t.data_ptr(), t.numel() * t.element_size())
+    key = memory_region(t)
     view = _ADDRESS_VIEWS.get(key)
     if view is None:
         if len(_ADDRESS_VIEWS) >= _MAX_ADDRESS_VIEWS:

@@ -21,7 +21,7 @@ import threading
 import torch
 
 from qlorakit import _core
-from qlorakit._native import address_view, element_dtype_name
+from qlorakit._native import address_view, element_dtype_name, memory_region
 from qlorakit.cpu_pool import share_torch_threads
 from qlorakit.errors import QlorakitError
 from qlorakit.packed import PackedWeight
@@ -146,7 +146,6 @@ def _gemv_cpu(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None) 
         nested_view,
         offset,
     )
-    del held
     return out
 
 
@@ -156,11 +155,6 @@ def _gemv_cpu(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None) 
 #: address_view's: they read what lies there now).
 _WEIGHT_ARGS: dict[tuple[int, ...], tuple[object, tuple]] = {}
 _MAX_WEIGHT_ARGS = 4096
-
-
-def _region(t: torch.Tensor) -> tuple[int, int]:
-    """``(address, bytes)`` of a contiguous tensor's memory."""
-    return t.data_ptr(), t.numel() * t.element_size()
 
 
 def _weight_args(packed: PackedWeight) -> tuple[tuple, tuple[torch.Tensor, ...]]:
@@ -177,7 +171,8 @@ def _weight_args(packed: PackedWeight) -> tuple[tuple, tuple[torch.Tensor, ...]]
         as_stored = as_stored and packed.nested_dtype == torch.float32
         as_stored = as_stored and nested.dtype == torch.float32 and nested.is_contiguous()
     if as_stored:
-        key = (*_region(codes), *_region(absmax), *(_region(nested) if nested is not None else (0, 0)))
+        nested_region = memory_region(nested) if nested is not None else (0, 0)
+        key = (*memory_region(codes), *memory_region(absmax), *nested_region)
         entry = _WEIGHT_ARGS.get(key)
         if entry is not None and entry[0] is layout:
             return entry[1], ()

@@ -16,18 +16,12 @@ use std::arch::x86_64::*;
 
 use super::avx2::round_table;
 use super::input::BF16_CHUNK;
-use super::{TableRounding, Weight, XRows};
+use super::{sum_128, TableRounding, Weight, XRows, GEMV_MAX_BATCH};
 
 /// Accumulators of 8 float32 lanes per input row: one per decoded vector of a chunk.
 pub const WORD_ACCUMULATORS: usize = 8;
 /// Lanes of one accumulator.
 const LANES: usize = 8;
-
-/// Input rows one call of this kernel carries: all of a batch. One row decodes and
-/// multiplies chunk by chunk (its 8 accumulators fill half of the 16 registers); several
-/// rows decode a segment of chunks once into a stack buffer and then walk it once per row,
-/// in the same order, so each row's sums are bit for bit those of the row alone.
-pub(super) const WORDS_BATCH: usize = super::GEMV_MAX_BATCH;
 
 /// Chunks of a segment of the several-row path: 16 chunks of 8 vectors, 4 KiB of stack,
 /// well inside L1.
@@ -52,7 +46,10 @@ pub const CHUNK_ELEMENT: [usize; BF16_CHUNK] = {
 };
 
 /// The sums (folded, before the bias) of weight row `row` with each of the `sums.len()`
-/// (1 to [`WORDS_BATCH`]) arranged input rows of `xs`.
+/// (1 to [`GEMV_MAX_BATCH`]) arranged input rows of `xs`. One row decodes and multiplies
+/// chunk by chunk (its 8 accumulators fill half of the 16 registers); several rows decode
+/// a segment of chunks once into a stack buffer and then walk it once per row, in the same
+/// order, so each row's sums are bit for bit those of the row alone.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; `weight.cols` must be a multiple of 64 and the
@@ -64,7 +61,7 @@ pub(super) unsafe fn row_sums(
     xs: XRows<'_, f32>,
     sums: &mut [f32],
 ) {
-    debug_assert!((1..=WORDS_BATCH).contains(&sums.len()));
+    debug_assert!((1..=GEMV_MAX_BATCH).contains(&sums.len()));
     // SAFETY: forwarded.
     unsafe {
         if let [sum] = sums {
@@ -107,7 +104,7 @@ unsafe fn several_rows(weight: &Weight<'_>, row: usize, xs: XRows<'_, f32>, sums
     let start = row * weight.cols;
     let chunks = weight.cols / BF16_CHUNK;
     let mut decoder = Decoder::new(weight);
-    let mut accs = [[_mm256_setzero_ps(); WORD_ACCUMULATORS]; WORDS_BATCH];
+    let mut accs = [[_mm256_setzero_ps(); WORD_ACCUMULATORS]; GEMV_MAX_BATCH];
     let mut decoded = [[_mm256_setzero_ps(); WORD_ACCUMULATORS]; SEGMENT_CHUNKS];
     for first_chunk in (0..chunks).step_by(SEGMENT_CHUNKS) {
         let segment = SEGMENT_CHUNKS.min(chunks - first_chunk);
@@ -231,11 +228,7 @@ impl Decoder {
         let may_be_nan = !scale.is_finite(); // code * scale is NaN only for these
         let round = |codes| {
             let product = _mm256_mul_ps(codes, scale_lanes);
-            if may_be_nan {
-                _mm256_castps_si256(round_table(product, TableRounding::Bfloat16, true))
-            } else {
-                bf16_high_half(product)
-            }
+            _mm256_castps_si256(round_table(product, TableRounding::Bfloat16, may_be_nan))
         };
         // Per 128-bit half: the low bytes of entries 0-7 (or 8-15), then their high bytes;
         // each table is one 64-bit lane of each half, in both halves.
@@ -248,16 +241,6 @@ impl Decoder {
     }
 }
 
-/// `v` (no lane NaN) rounded to bfloat16 to nearest even, in the upper 16 bits of each
-/// lane (the lower 16 are left as they fall: only bytes 2 and 3 are used).
-#[inline]
-#[target_feature(enable = "avx2")]
-fn bf16_high_half(v: __m256) -> __m256i {
-    let bits = _mm256_castps_si256(v);
-    let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
-    _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd)
-}
-
 /// The kernel's fold: accumulators `(0 + 1) + (2 + 3)` and `(4 + 5) + (6 + 7)`, then
 /// those two; then lanes `i` and `i + 4`, `i + 2`, `i + 1`.
 #[inline]
@@ -268,10 +251,10 @@ fn fold(acc: [__m256; WORD_ACCUMULATORS]) -> f32 {
         pair(pair(acc[0], acc[1]), pair(acc[2], acc[3])),
         pair(pair(acc[4], acc[5]), pair(acc[6], acc[7])),
     );
-    let four = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
-    let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-    let one = _mm_add_ss(two, _mm_shuffle_ps::<0b01>(two, two));
-    _mm_cvtss_f32(one)
+    sum_128(_mm_add_ps(
+        _mm256_castps256_ps128(sum),
+        _mm256_extractf128_ps::<1>(sum),
+    ))
 }
 
 #[cfg(test)]

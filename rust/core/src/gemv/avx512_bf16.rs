@@ -12,13 +12,11 @@
 use std::arch::x86_64::*;
 
 use super::input::BF16_CHUNK;
-use super::{Weight, XRows, GEMV_ACCUMULATORS};
+use super::{sum_128, Weight, XRows, GEMV_ACCUMULATORS};
 
-/// Input rows one call of this kernel carries: every weight chunk is decoded once for
-/// all of them (32 accumulators; LLVM keeps what fits in registers).
-pub(super) const BF16_BATCH: usize = 8;
-
-/// [`row_sums_for`] for `sums.len()` (1 to [`BF16_BATCH`]) input rows.
+/// [`row_sums_for`] for `sums.len()` (1 to [`super::GEMV_MAX_BATCH`]) input rows: every
+/// weight chunk is decoded once for all of them (up to 32 accumulators; LLVM keeps what
+/// fits in registers).
 ///
 /// # Safety
 /// As [`row_sums_for`].
@@ -144,9 +142,7 @@ fn fold([a0, a1, a2, a3]: [__m512; GEMV_ACCUMULATORS]) -> f32 {
         _mm256_castps256_ps128(eight),
         _mm256_extractf128_ps::<1>(eight),
     );
-    let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-    let one = _mm_add_ss(two, _mm_shuffle_ps::<0b01>(two, two));
-    _mm_cvtss_f32(one)
+    sum_128(four)
 }
 
 /// 32 bf16 lanes of an integer vector.

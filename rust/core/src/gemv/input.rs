@@ -49,11 +49,12 @@ impl Plan {
     pub(super) fn choose<T: Element>(kernel: GemvKernel, block_shift: u32, cols: usize) -> Plan {
         let bf16_input = T::NAME == half::bf16::NAME;
         let chunked = (1usize << block_shift) >= BF16_CHUNK && cols.is_multiple_of(BF16_CHUNK);
-        if kernel == GemvKernel::Avx512Bf16 && kernel.is_supported() && bf16_input && chunked {
-            return Plan::Bf16Pairs;
-        }
-        if kernel == GemvKernel::Avx2Bf16 && kernel.is_supported() && bf16_input && chunked {
-            return Plan::Bf16Words;
+        if bf16_input && chunked && kernel.is_supported() {
+            match kernel {
+                GemvKernel::Avx512Bf16 => return Plan::Bf16Pairs,
+                GemvKernel::Avx2Bf16 => return Plan::Bf16Words,
+                _ => {}
+            }
         }
         let wide = matches!(kernel, GemvKernel::Avx512 | GemvKernel::Avx512Bf16);
         match TableRounding::of::<T>() {

@@ -100,7 +100,7 @@ pub const GEMV_ACCUMULATORS: usize = 4;
 pub const GEMV_MAX_BATCH: usize = 8;
 /// Input rows one lane-kernel call carries (4 accumulators each, 16 registers); a batch of
 /// up to [`GEMV_MAX_BATCH`] runs as two calls per weight row, the second reading the row's
-/// codes from L1. The BF16 kernel carries all 8 in one call (its fold is in registers).
+/// codes from L1. The two bf16 kernels carry all of a batch in one call.
 const KERNEL_BATCH: usize = 4;
 
 /// A row's partial sums: lane `l` of accumulator `a`.
@@ -138,6 +138,18 @@ pub const LANE_ELEMENT: [usize; GEMV_LANES] = {
     }
     map
 };
+
+/// The last steps of the bf16 kernels' in-register fold, on 4 lanes: lanes `i` and
+/// `i + 2`, then `i + 1`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "sse")]
+fn sum_128(four: std::arch::x86_64::__m128) -> f32 {
+    use std::arch::x86_64::*;
+    let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    let one = _mm_add_ss(two, _mm_shuffle_ps::<0b01>(two, two));
+    _mm_cvtss_f32(one)
+}
 
 /// The lane of a group's element 0.
 const LANE_OF_FIRST: usize = 2;
@@ -339,36 +351,19 @@ impl Weight<'_> {
         sums: &mut [f32; GEMV_MAX_BATCH],
     ) {
         match x {
+            // The bf16 kernels carry every input row in one call (each decodes a chunk once
+            // for all of them).
+            // SAFETY (both): their plans are only prepared after checking the CPU's support
+            // and the layout (see `Plan::choose`); each of the `batch` rows of `x` is one
+            // arranged row of `cols` elements.
             #[cfg(target_arch = "x86_64")]
-            Prepared::Bf16Pairs(x) => {
-                for b0 in (0..batch).step_by(avx512_bf16::BF16_BATCH) {
-                    let n = (batch - b0).min(avx512_bf16::BF16_BATCH);
-                    let xs = XRows {
-                        x: &x[b0 * self.cols..],
-                        stride: self.cols,
-                        skip: 0,
-                    };
-                    // SAFETY: `Bf16Pairs` is only prepared after checking the CPU's
-                    // support and the layout (see `Plan::choose`); each of the `n` rows
-                    // of `xs` is one arranged row of `cols` elements.
-                    unsafe { avx512_bf16::row_sums(self, row, xs, &mut sums[b0..b0 + n]) };
-                }
-            }
+            Prepared::Bf16Pairs(x) => unsafe {
+                avx512_bf16::row_sums(self, row, self.whole_rows(x), &mut sums[..batch])
+            },
             #[cfg(target_arch = "x86_64")]
-            Prepared::Bf16Words(x) => {
-                for b0 in (0..batch).step_by(avx2_bf16::WORDS_BATCH) {
-                    let n = (batch - b0).min(avx2_bf16::WORDS_BATCH);
-                    let xs = XRows {
-                        x: &x[b0 * self.cols..],
-                        stride: self.cols,
-                        skip: 0,
-                    };
-                    // SAFETY: `Bf16Words` is only prepared after checking the CPU's
-                    // support and the layout (see `Plan::choose`); each of the `n` rows
-                    // of `xs` is one arranged row of `cols` elements.
-                    unsafe { avx2_bf16::row_sums(self, row, xs, &mut sums[b0..b0 + n]) };
-                }
-            }
+            Prepared::Bf16Words(x) => unsafe {
+                avx2_bf16::row_sums(self, row, self.whole_rows(x), &mut sums[..batch])
+            },
             Prepared::Float32 { x, kernel } => {
                 for b0 in (0..batch).step_by(KERNEL_BATCH) {
                     let n = (batch - b0).min(KERNEL_BATCH);
@@ -378,6 +373,16 @@ impl Weight<'_> {
                     }
                 }
             }
+        }
+    }
+
+    /// Arranged input rows of `cols` elements each, back to back in `x`.
+    #[cfg(target_arch = "x86_64")]
+    fn whole_rows<'a, E>(&self, x: &'a [E]) -> XRows<'a, E> {
+        XRows {
+            x,
+            stride: self.cols,
+            skip: 0,
         }
     }
 
