@@ -473,8 +473,9 @@ fn emulate_avx2_bf16(weight: &[f32], x: &[bf16], bias: Option<&[bf16]>, cols: us
     out
 }
 
-/// Inf and NaN scales: the AVX2 bf16 kernel gives what its emulation gives (NaN for the
-/// rows they reach).
+/// Inf and NaN scales, plain or decoded from double quantization (an Inf nested scale, or
+/// one that overflows with the offset): the AVX2 bf16 kernel gives what its emulation gives
+/// (NaN or Inf for the rows they reach).
 #[test]
 fn avx2_bf16_kernel_keeps_non_finite_values() {
     if !GemvKernel::Avx2Bf16.is_supported() {
@@ -482,21 +483,38 @@ fn avx2_bf16_kernel_keeps_non_finite_values() {
         return;
     }
     let mut rng = Rng(0x1_0f);
-    let mut layer = Layer::<bf16>::random(&mut rng, 4, 128, 64, QuantType::Nf4, false, 1);
-    if let Absmax::Plain(absmax) = &mut layer.scales {
-        absmax[1] = f32::INFINITY;
-        absmax[4] = f32::NAN;
+    for case in 0..3 {
+        let nested = case > 0;
+        let mut layer = Layer::<bf16>::random(&mut rng, 4, 128, 64, QuantType::Nf4, nested, 1);
+        match &mut layer.scales {
+            Absmax::Plain(absmax) => {
+                absmax[1] = f32::INFINITY;
+                absmax[4] = f32::NAN;
+            }
+            Absmax::Nested { scales, .. } if case == 1 => scales[0] = f32::INFINITY,
+            Absmax::Nested { scales, offset, .. } => {
+                scales[0] = f32::MAX;
+                *offset = f32::MAX;
+            }
+        }
+        let weight = layer.weight();
+        let got = layer.run(GemvKernel::Avx2Bf16, false);
+        let want = emulate_avx2_bf16(&weight, &layer.x, None, layer.cols);
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                g.to_f32().is_nan() == w.to_f32().is_nan() && (w.is_nan() || g == w),
+                "case {case}: {g} vs {w}"
+            );
+        }
+        if nested {
+            assert!(
+                got.iter().all(|g| !g.to_f32().is_finite()),
+                "case {case}: {got:?}"
+            );
+        } else {
+            assert!(got[0].is_nan() && got[2].is_nan(), "{got:?}");
+        }
     }
-    let weight = layer.weight();
-    let got = layer.run(GemvKernel::Avx2Bf16, false);
-    let want = emulate_avx2_bf16(&weight, &layer.x, None, layer.cols);
-    for (g, w) in got.iter().zip(&want) {
-        assert!(
-            g.to_f32().is_nan() == w.to_f32().is_nan() && (w.is_nan() || g == w),
-            "{g} vs {w}"
-        );
-    }
-    assert!(got[0].is_nan() && got[2].is_nan(), "{got:?}");
 }
 
 /// Each bf16 kernel with its emulation and bound, the lane kernel its other inputs take,

@@ -1,0 +1,129 @@
+//! Raw batch-1 kernel throughput without Python, per CPU kernel this machine has, against a
+//! plain copy of the same bytes:
+//! `cargo run --release -p qlorakit-core --example gemv_throughput [rows cols [blocksize]]`
+//! (default 2048 2048 64; `RAYON_NUM_THREADS=1` for one core; `PLAIN=1` for plain float32
+//! scales instead of double-quantized ones). Two settings: one layer called again and again
+//! (its bytes in cache: the kernel's compute rate) and a chain of distinct layers larger than
+//! a 32 MiB last-level cache (every byte from memory, as in decoding). NF4, bfloat16 input,
+//! rayon's pool. (The side-by-side benchmark against bitsandbytes, through Python, is
+//! tools/bench_gemv.py.)
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use half::bf16;
+use qlorakit_core::{gemv_4bit_with, Absmax, Blocksize, GemvKernel, PackedView, QuantType};
+
+/// Bytes of a chain, at least: above a 32 MiB last-level cache.
+const CHAIN_BYTES: usize = 128 << 20;
+
+struct Layer {
+    packed: Vec<u8>,
+    scales: Absmax,
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>());
+    let rows = args.next().and_then(Result::ok).unwrap_or(2048);
+    let cols = args.next().and_then(Result::ok).unwrap_or(2048);
+    let blocksize = args
+        .next()
+        .and_then(Result::ok)
+        .map_or(Blocksize::default(), |b| {
+            Blocksize::new(b).expect("a blocksize bitsandbytes writes")
+        });
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let bytes_per_layer = rows * cols / 2;
+    let chain = CHAIN_BYTES.div_ceil(bytes_per_layer).max(2);
+    let layers: Vec<Layer> = (0..chain)
+        .map(|_| {
+            let packed = (0..bytes_per_layer).map(|_| next() as u8).collect();
+            let absmax = (0..blocksize.blocks(rows * cols))
+                .map(|_| 0.01 + (next() >> 40) as f32 / (1u64 << 24) as f32)
+                .collect();
+            Layer {
+                packed,
+                scales: Absmax::stored(absmax, std::env::var_os("PLAIN").is_none())
+                    .expect("double quantize"),
+            }
+        })
+        .collect();
+    let x: Vec<bf16> = (0..cols)
+        .map(|_| bf16::from_f32((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5))
+        .collect();
+    let mut out = vec![bf16::ZERO; rows];
+    let shape = [rows, cols];
+    let views: Vec<PackedView<'_>> = layers
+        .iter()
+        .map(|l| {
+            PackedView::new(
+                &l.packed,
+                l.scales.view(),
+                QuantType::Nf4,
+                blocksize,
+                &shape,
+            )
+            .expect("view")
+        })
+        .collect();
+    let stored_bytes = bytes_per_layer + rows * cols / 64; // codes + one scale code per block
+    let best = |f: &mut dyn FnMut()| {
+        f();
+        (0..7)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let mut copy_to = vec![0u8; bytes_per_layer];
+    let copy_hot = best(&mut || {
+        for _ in 0..chain {
+            copy_to.copy_from_slice(black_box(&layers[0].packed));
+        }
+    }) / chain as f64;
+    let copy_chain = best(&mut || {
+        for layer in &layers {
+            copy_to.copy_from_slice(black_box(&layer.packed));
+        }
+    }) / chain as f64;
+    let gbs = |secs: f64| stored_bytes as f64 / secs / 1e9;
+    println!(
+        "{rows}x{cols}, {} threads, chain of {chain} ({} MiB)",
+        qlorakit_core::parallel::current_num_threads(),
+        (chain * stored_bytes) >> 20
+    );
+    println!(
+        "copy             hot {:7.1} GB/s   chain {:7.1} GB/s",
+        gbs(copy_hot),
+        gbs(copy_chain)
+    );
+    for kernel in GemvKernel::ALL.into_iter().filter(|k| k.is_supported()) {
+        let hot = best(&mut || {
+            for _ in 0..chain {
+                gemv_4bit_with(kernel, &views[0], &x, None, &mut out).expect("gemv");
+            }
+        }) / chain as f64;
+        let cold = best(&mut || {
+            for view in &views {
+                gemv_4bit_with(kernel, view, &x, None, &mut out).expect("gemv");
+            }
+        }) / chain as f64;
+        println!(
+            "{:<12} hot {:7.1} GB/s ({:3.0}% of copy)   chain {:7.1} GB/s ({:3.0}% of copy)   {:6.1} us/layer",
+            kernel.name(),
+            gbs(hot),
+            100.0 * copy_hot / hot,
+            gbs(cold),
+            100.0 * copy_chain / cold,
+            cold * 1e6,
+        );
+    }
+}
