@@ -8,11 +8,16 @@
 //! rayon's pool. (The side-by-side benchmark against bitsandbytes, through Python, is
 //! tools/bench_gemv.py.)
 
+mod common;
+
 use std::hint::black_box;
-use std::time::Instant;
 
 use half::bf16;
-use qlorakit_core::{gemv_4bit_with, Absmax, Blocksize, GemvKernel, PackedView, QuantType};
+use qlorakit_core::{
+    gemv_4bit_with, Absmax, BlockScales, Blocksize, GemvKernel, PackedView, QuantType,
+};
+
+use common::{best_secs, Xorshift};
 
 /// Bytes of a chain, at least: above a 32 MiB last-level cache.
 const CHAIN_BYTES: usize = 128 << 20;
@@ -32,20 +37,14 @@ fn main() {
         .map_or(Blocksize::default(), |b| {
             Blocksize::new(b).expect("a blocksize bitsandbytes writes")
         });
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut rng = Xorshift::new();
     let bytes_per_layer = rows * cols / 2;
     let chain = CHAIN_BYTES.div_ceil(bytes_per_layer).max(2);
     let layers: Vec<Layer> = (0..chain)
         .map(|_| {
-            let packed = (0..bytes_per_layer).map(|_| next() as u8).collect();
+            let packed = (0..bytes_per_layer).map(|_| rng.next_u64() as u8).collect();
             let absmax = (0..blocksize.blocks(rows * cols))
-                .map(|_| 0.01 + (next() >> 40) as f32 / (1u64 << 24) as f32)
+                .map(|_| 0.01 + rng.unit())
                 .collect();
             Layer {
                 packed,
@@ -55,7 +54,7 @@ fn main() {
         })
         .collect();
     let x: Vec<bf16> = (0..cols)
-        .map(|_| bf16::from_f32((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5))
+        .map(|_| bf16::from_f32(rng.unit() - 0.5))
         .collect();
     let mut out = vec![bf16::ZERO; rows];
     let shape = [rows, cols];
@@ -72,16 +71,10 @@ fn main() {
             .expect("view")
         })
         .collect();
-    let stored_bytes = bytes_per_layer + rows * cols / 64; // codes + one scale code per block
+    let stored_bytes = stored_bytes(&views[0]);
     let best = |f: &mut dyn FnMut()| {
-        f();
-        (0..7)
-            .map(|_| {
-                let start = Instant::now();
-                f();
-                start.elapsed().as_secs_f64()
-            })
-            .fold(f64::INFINITY, f64::min)
+        f(); // warm-up
+        best_secs(7, f)
     };
     let mut copy_to = vec![0u8; bytes_per_layer];
     let copy_hot = best(&mut || {
@@ -126,4 +119,14 @@ fn main() {
             cold * 1e6,
         );
     }
+}
+
+/// The bytes a call reads: the packed codes and the stored scales (float32 absmax, or one
+/// code per block plus the nested float32 scales).
+fn stored_bytes(view: &PackedView<'_>) -> usize {
+    let scales = match view.scales() {
+        BlockScales::Plain(absmax) => 4 * absmax.len(),
+        BlockScales::Nested { codes, scales, .. } => codes.len() + 4 * scales.len(),
+    };
+    view.codes().len() + scales
 }

@@ -1,7 +1,9 @@
 //! Raw core throughput without Python: `cargo run --release --example throughput [n]`.
 //! (The side-by-side benchmark against bitsandbytes is tools/bench_quantize.py.)
 
-use std::time::Instant;
+mod common;
+
+use common::{best_secs, Xorshift};
 
 use half::bf16;
 use qlorakit_core::scale_search::quantize_4bit_searched;
@@ -14,30 +16,15 @@ fn main() {
         .nth(1)
         .and_then(|arg| arg.parse().ok())
         .unwrap_or(11008 * 4096);
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let input: Vec<bf16> = (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            bf16::from_f32((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
-        })
-        .collect();
+    let mut rng = Xorshift::new();
+    let input: Vec<bf16> = (0..n).map(|_| bf16::from_f32(rng.unit() - 0.5)).collect();
     let blocksize = Blocksize::default();
     let mut packed = vec![0u8; n.div_ceil(2)];
     let mut absmax = vec![0f32; blocksize.blocks(n)];
     let mut codes = vec![0u8; absmax.len()];
     let mut scales = vec![0f32; absmax.len().div_ceil(256)];
     let mut out = vec![bf16::ZERO; n];
-    let best = |f: &mut dyn FnMut()| {
-        (0..5)
-            .map(|_| {
-                let start = Instant::now();
-                f();
-                start.elapsed().as_secs_f64()
-            })
-            .fold(f64::INFINITY, f64::min)
-    };
+    let best = |f: &mut dyn FnMut()| best_secs(5, f);
     let quant = best(&mut || {
         quantize_4bit(&input, QuantType::Nf4, blocksize, &mut packed, &mut absmax)
             .expect("quantize");

@@ -483,20 +483,30 @@ fn avx2_bf16_kernel_keeps_non_finite_values() {
         return;
     }
     let mut rng = Rng(0x1_0f);
-    for case in 0..3 {
-        let nested = case > 0;
-        let mut layer = Layer::<bf16>::random(&mut rng, 4, 128, 64, QuantType::Nf4, nested, 1);
-        match &mut layer.scales {
-            Absmax::Plain(absmax) => {
+    /// A case: its name, whether the scales are double-quantized, and what spoils them.
+    type Case = (&'static str, bool, fn(&mut Absmax));
+    let cases: [Case; 3] = [
+        ("plain Inf and NaN", false, |scales| {
+            if let Absmax::Plain(absmax) = scales {
                 absmax[1] = f32::INFINITY;
                 absmax[4] = f32::NAN;
             }
-            Absmax::Nested { scales, .. } if case == 1 => scales[0] = f32::INFINITY,
-            Absmax::Nested { scales, offset, .. } => {
+        }),
+        ("Inf nested scale", true, |scales| {
+            if let Absmax::Nested { scales, .. } = scales {
+                scales[0] = f32::INFINITY;
+            }
+        }),
+        ("nested scale + offset overflow", true, |scales| {
+            if let Absmax::Nested { scales, offset, .. } = scales {
                 scales[0] = f32::MAX;
                 *offset = f32::MAX;
             }
-        }
+        }),
+    ];
+    for (case, nested, poison) in cases {
+        let mut layer = Layer::<bf16>::random(&mut rng, 4, 128, 64, QuantType::Nf4, nested, 1);
+        poison(&mut layer.scales);
         let weight = layer.weight();
         let got = layer.run(GemvKernel::Avx2Bf16, false);
         let want = emulate_avx2_bf16(&weight, &layer.x, None, layer.cols);
