@@ -12,6 +12,10 @@ from collections.abc import Iterator
 # bitsandbytes wraps its torch-backend helpers in torch.compile; the tests call them
 # with many shapes, so run them eagerly instead of recompiling each time.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+# The bit-exact comparisons with bitsandbytes (which multiplies in the compute dtype) need the same dense matmul on
+# every CPU: qlorakit's float32 route for CPUs without oneDNN bf16 (qlorakit.nn.cpu_matmul) is tested on its own in
+# test_cpu_matmul.py and on whole models in test_linear4bit.py, which set QLORAKIT_CPU_MATMUL themselves.
+os.environ.setdefault("QLORAKIT_CPU_MATMUL", "native")
 # Plans qlorakit quantize caches go to a directory of this run, not the user's ~/.cache (subprocesses inherit it).
 os.environ.setdefault("QLORAKIT_CACHE", tempfile.mkdtemp(prefix="qlorakit-test-plans-"))
 

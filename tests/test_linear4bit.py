@@ -15,6 +15,7 @@ from helpers.checkpoints import minilm_dir, save_tiny_llama
 from helpers.processes import run_cli
 from qlorakit import _core
 from qlorakit.nn import Linear4bit
+from qlorakit.nn.cpu_matmul import CPU_MATMUL_ENV
 
 
 def make_layer(out_features: int, in_features: int, bias: bool, compute_dtype: torch.dtype, seed: int = 0):
@@ -224,6 +225,33 @@ def test_load_packed_llama_equals_transformers_bitsandbytes(packed_llama: Path) 
     ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(ours(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("setting", ["auto", "float32"])
+def test_the_cpu_matmul_routes_stay_close_to_transformers_bitsandbytes(
+    packed_llama: Path, monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    """The model on the default dense matmul route (``auto``: float32 where torch has no oneDNN bf16 matmul, as on
+    AVX2-only CPUs; bf16 elsewhere) and forced to float32: logits and the training loss within bf16 rounding of
+    bitsandbytes', and the input-embedding gradient too (the backward's route)."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv(CPU_MATMUL_ENV, setting)
+    ours = without_dropout(qlorakit.load_packed(packed_llama))
+    reference = without_dropout(AutoModelForCausalLM.from_pretrained(str(packed_llama), device_map="cpu"))
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (ours, reference):
+        embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        out = model(inputs_embeds=embeddings, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach().float(), out.loss.item(), embeddings.grad.float()))
+    (logits, loss, grad), (ref_logits, ref_loss, ref_grad) = results
+    # Two layers of bf16 activations: a last-place difference in a projection moves a logit by a few bf16 steps.
+    assert (logits - ref_logits).abs().max() < 0.05, float((logits - ref_logits).abs().max())
+    assert (logits - ref_logits).norm() < 1e-2 * ref_logits.norm()
+    assert abs(loss - ref_loss) < 1e-3 * abs(ref_loss), (loss, ref_loss)
+    assert (grad - ref_grad).norm() < 2e-2 * ref_grad.norm()
 
 
 def test_load_packed_minilm_equals_transformers_bitsandbytes(tmp_path: Path) -> None:

@@ -67,6 +67,14 @@ def print_machine(threads: int | None, other_versions: str, threads_note: str = 
         f"torch.get_num_threads() {torch.get_num_threads()}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}{threads_note}"
     )
+    from qlorakit.nn.cpu_matmul import CPU_MATMUL_ENV, matmul_dtype, onednn_multiplies
+
+    routes = ", ".join(
+        f"{str(dtype).removeprefix('torch.')} in {str(matmul_dtype(dtype)).removeprefix('torch.')} "
+        f"(oneDNN: {'yes' if onednn_multiplies(dtype) else 'no'})"
+        for dtype in (torch.bfloat16, torch.float16)
+    )
+    print(f"CPU dense matmuls of 4-bit layers: {routes} [{CPU_MATMUL_ENV}={os.environ.get(CPU_MATMUL_ENV, '(unset)')}]")
 
 
 def parse_dims(text: str, what: str = "shape", example: str = "8x512", count: int | None = None) -> tuple[int, ...]:

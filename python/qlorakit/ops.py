@@ -11,7 +11,8 @@ opaque Rust or CuPy call (bitsandbytes registers its ops the same way).
   the device has one (CUDA; the CPU with AVX-512), else by dequantizing and multiplying.
 - ``qlorakit::linear_4bit``: ``x W^T + b``, differentiable in ``x`` and ``b``. A few rows (CPU: up to
   ``_core.GEMV_MAX_BATCH``; CUDA: one) take the fused dequantize-and-multiply kernel where there is one; more
-  rows dequantize into a per-thread scratch buffer and multiply. Its backward is
+  rows dequantize into a per-thread scratch buffer and multiply (on a CPU without a fast 16-bit matmul, in float32:
+  :mod:`qlorakit.nn.cpu_matmul`). Its backward is
   ``qlorakit::linear_4bit_grad_input`` (``grad W``, the weight dequantized again, never kept from the forward)
   and a sum for the bias.
 
@@ -174,12 +175,12 @@ def _dequantize_kernel(*args: object) -> torch.Tensor:
 
 
 def _linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    from qlorakit.nn.dispatch import dequantize_weight, matvec_weight
+    from qlorakit.nn.dispatch import dense_linear, matvec_weight
 
     out = matvec_weight(packed, x, bias)
     if out is not None:
         return out
-    return torch.nn.functional.linear(x, dequantize_weight(packed, x.dtype, reuse=True), bias)
+    return dense_linear(x, packed, bias)
 
 
 @torch.library.register_kernel("qlorakit::gemv_4bit", DEVICES)
@@ -198,10 +199,9 @@ def _linear_kernel(x: torch.Tensor, *args: object) -> torch.Tensor:
 
 @torch.library.register_kernel("qlorakit::linear_4bit_grad_input", DEVICES)
 def _linear_grad_input_kernel(grad_output: torch.Tensor, *weight: object) -> torch.Tensor:
-    from qlorakit.nn.dispatch import dequantize_weight
+    from qlorakit.nn.dispatch import dense_grad_input
 
-    packed = _from_args(weight, grad_output.dtype)
-    return grad_output @ dequantize_weight(packed, grad_output.dtype, reuse=True)
+    return dense_grad_input(grad_output, _from_args(weight, grad_output.dtype))
 
 
 # --- fake kernels: output shapes for tracing

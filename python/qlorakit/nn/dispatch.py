@@ -6,7 +6,8 @@ inputs, AVX-512, AVX2 + FMA for bfloat16 inputs, AVX2, else portable), or the on
 ``QLORAKIT_CPU_KERNEL`` forces (``portable``, ``avx2``, ``avx2bf16``, ``avx512``, ``avx512bf16``; read once per
 process; an unknown name or a kernel the CPU lacks raises :class:`~qlorakit.errors.QuantizationError` on the first
 call instead of being ignored). Without AVX2, and not forced, inputs are dequantized and multiplied instead (the
-portable kernel is slower than that).
+portable kernel is slower than that). More rows dequantize and multiply (:func:`dense_linear`), in float32 on a CPU
+where torch has no fast bf16 / f16 matmul (:mod:`qlorakit.nn.cpu_matmul`).
 
 CUDA: the CuPy kernels of ``kernels/cuda/`` (:mod:`qlorakit.kernels.cuda_ops`), bit-identical to the CPU for
 dequantization; without CuPy a CUDA weight gets an error naming the extra to install.
@@ -24,6 +25,7 @@ from qlorakit import _core
 from qlorakit._native import address_view, element_dtype_name, memory_region
 from qlorakit.cpu_pool import share_torch_threads
 from qlorakit.errors import QlorakitError
+from qlorakit.nn.cpu_matmul import matmul_dtype
 from qlorakit.packed import PackedWeight
 from qlorakit.quantization import decode_absmax, dequantize
 from qlorakit.tables import ELEMENT_DTYPES
@@ -43,6 +45,39 @@ def _workspace(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if key not in buffers:
         buffers[key] = torch.empty(shape, dtype=dtype)
     return buffers[key]
+
+
+def dense_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x W^T + b`` in ``x.dtype`` by dequantizing W (into the per-thread scratch buffer) and one matmul; on the CPU
+    in the dtype :func:`qlorakit.nn.cpu_matmul.matmul_dtype` chooses (float32 where torch has no fast 16-bit
+    matmul: the weight's values as in ``x.dtype``, the result rounded once to it)."""
+    weight = dequantize_weight(packed, x.dtype, reuse=True)
+    wide = _widened(weight, x)
+    if wide is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    wide_bias = None if bias is None else bias.to(wide.dtype)
+    return torch.nn.functional.linear(x.to(wide.dtype), wide, wide_bias).to(x.dtype)
+
+
+def dense_grad_input(grad_output: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+    """``grad_output W`` (the input's gradient of :func:`dense_linear`) in ``grad_output.dtype``, multiplied in
+    the same dtype as the forward."""
+    weight = dequantize_weight(packed, grad_output.dtype, reuse=True)
+    wide = _widened(weight, grad_output)
+    if wide is None:
+        return grad_output @ weight
+    return (grad_output.to(wide.dtype) @ wide).to(grad_output.dtype)
+
+
+def _widened(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` widened (exactly) into a float32 scratch buffer where the CPU multiplies ``x.dtype`` in float32;
+    ``None`` where it multiplies in ``x.dtype`` itself."""
+    if x.device.type != "cpu":
+        return None
+    compute = matmul_dtype(x.dtype)
+    if compute == x.dtype:
+        return None
+    return _workspace(tuple(weight.shape), compute).copy_(weight)
 
 
 def _cuda_ops():  # noqa: ANN202 - the module, imported on first CUDA use
