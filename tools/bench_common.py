@@ -68,9 +68,10 @@ def print_machine(threads: int | None, other_versions: str, threads_note: str = 
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}{threads_note}"
     )
     from qlorakit.nn.cpu_matmul import CPU_MATMUL_ENV, matmul_dtype, onednn_multiplies
+    from qlorakit.tables import dtype_name
 
     routes = ", ".join(
-        f"{str(dtype).removeprefix('torch.')} in {str(matmul_dtype(dtype)).removeprefix('torch.')} "
+        f"{dtype_name(dtype)} in {dtype_name(matmul_dtype(dtype))} "
         f"(oneDNN: {'yes' if onednn_multiplies(dtype) else 'no'})"
         for dtype in (torch.bfloat16, torch.float16)
     )

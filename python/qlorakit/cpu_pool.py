@@ -15,12 +15,11 @@ to spin). By default qlorakit therefore runs these kernels as OpenMP parallel re
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from pathlib import Path
 
 from qlorakit import _core
-from qlorakit.errors import QlorakitError
+from qlorakit.env_settings import env_choice
 
 CPU_POOL_ENV = "QLORAKIT_CPU_POOL"
 #: ``torch``: torch's OpenMP runtime; ``rayon``: the core's own pool.
@@ -45,10 +44,7 @@ def loaded_openmp_runtime(maps: Path = Path("/proc/self/maps")) -> str | None:
 
 @functools.cache
 def _choice() -> str:
-    value = os.environ.get(CPU_POOL_ENV, "").strip() or CPU_POOLS[0]
-    if value not in CPU_POOLS:
-        raise QlorakitError(f"{CPU_POOL_ENV}={value!r} is not a CPU pool; expected one of {', '.join(CPU_POOLS)}")
-    return value
+    return env_choice(CPU_POOL_ENV, CPU_POOLS, "CPU pool")
 
 
 @functools.cache

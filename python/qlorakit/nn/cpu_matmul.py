@@ -18,11 +18,10 @@ value raises :class:`~qlorakit.errors.QlorakitError`.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from qlorakit.errors import QlorakitError
+from qlorakit.env_settings import env_choice
 
 CPU_MATMUL_ENV = "QLORAKIT_CPU_MATMUL"
 #: The settings of ``QLORAKIT_CPU_MATMUL``; the first is the default.
@@ -50,12 +49,7 @@ def onednn_multiplies(dtype: torch.dtype) -> bool:
 
 def setting() -> str:
     """``QLORAKIT_CPU_MATMUL``, checked (unset or empty: ``auto``)."""
-    value = os.environ.get(CPU_MATMUL_ENV, "").strip() or CPU_MATMUL_SETTINGS[0]
-    if value not in CPU_MATMUL_SETTINGS:
-        raise QlorakitError(
-            f"{CPU_MATMUL_ENV}={value!r} is not a CPU matmul setting; expected one of {', '.join(CPU_MATMUL_SETTINGS)}"
-        )
-    return value
+    return env_choice(CPU_MATMUL_ENV, CPU_MATMUL_SETTINGS, "CPU matmul setting")
 
 
 def matmul_dtype(dtype: torch.dtype) -> torch.dtype:

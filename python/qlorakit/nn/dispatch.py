@@ -51,32 +51,28 @@ def dense_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | Non
     """``x W^T + b`` in ``x.dtype`` by dequantizing W (into the per-thread scratch buffer) and one matmul; on the CPU
     in the dtype :func:`qlorakit.nn.cpu_matmul.matmul_dtype` chooses (float32 where torch has no fast 16-bit
     matmul: the weight's values as in ``x.dtype``, the result rounded once to it)."""
-    weight = dequantize_weight(packed, x.dtype, reuse=True)
-    wide = _widened(weight, x)
-    if wide is None:
-        return torch.nn.functional.linear(x, weight, bias)
-    wide_bias = None if bias is None else bias.to(wide.dtype)
-    return torch.nn.functional.linear(x.to(wide.dtype), wide, wide_bias).to(x.dtype)
+    weight = _matmul_weight(packed, x)
+    bias = None if bias is None else bias.to(weight.dtype)
+    return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
 
 def dense_grad_input(grad_output: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
     """``grad_output W`` (the input's gradient of :func:`dense_linear`) in ``grad_output.dtype``, multiplied in
     the same dtype as the forward."""
-    weight = dequantize_weight(packed, grad_output.dtype, reuse=True)
-    wide = _widened(weight, grad_output)
-    if wide is None:
-        return grad_output @ weight
-    return (grad_output.to(wide.dtype) @ wide).to(grad_output.dtype)
+    weight = _matmul_weight(packed, grad_output)
+    return (grad_output.to(weight.dtype) @ weight).to(grad_output.dtype)
 
 
-def _widened(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """``weight`` widened (exactly) into a float32 scratch buffer where the CPU multiplies ``x.dtype`` in float32;
-    ``None`` where it multiplies in ``x.dtype`` itself."""
+def _matmul_weight(packed: PackedWeight, x: torch.Tensor) -> torch.Tensor:
+    """The weight dequantized in ``x.dtype`` into the per-thread scratch buffer, and where the CPU multiplies
+    ``x.dtype`` in float32, widened (exactly) into a float32 scratch buffer: the weight in the dtype the matmul
+    runs in (``.to`` of the operands to it is then a no-op on the native route)."""
+    weight = dequantize_weight(packed, x.dtype, reuse=True)
     if x.device.type != "cpu":
-        return None
+        return weight
     compute = matmul_dtype(x.dtype)
     if compute == x.dtype:
-        return None
+        return weight
     return _workspace(tuple(weight.shape), compute).copy_(weight)
 
 
