@@ -35,12 +35,16 @@ def as_tensor(x: ArrayLike, what: str = "input") -> torch.Tensor:
     raise QuantizationError(f"{what}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
+#: The core's element type name of each torch dtype it takes.
+_ELEMENT_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in ELEMENT_DTYPES.items()}
+
+
 def element_dtype_name(t: torch.Tensor, what: str) -> str:
     """The core's name for a tensor's float dtype, or a clear error."""
-    for name, dtype in ELEMENT_DTYPES.items():
-        if t.dtype == dtype:
-            return name
-    raise QuantizationError(f"{what}: unsupported dtype {t.dtype}; expected float32, bfloat16 or float16")
+    name = _ELEMENT_NAMES.get(t.dtype)
+    if name is None:
+        raise QuantizationError(f"{what}: unsupported dtype {t.dtype}; expected float32, bfloat16 or float16")
+    return name
 
 
 def byte_view(t: torch.Tensor, what: str) -> memoryview:
@@ -77,7 +81,7 @@ def address_view(t: torch.Tensor, what: str) -> memoryview:
     The view does not keep ``t`` alive: the caller must hold ``t`` (not a temporary) until the view is no
     longer used. A view looked up with a live tensor always covers that tensor's memory, whichever tensor the
     region belonged to when the view was built."""
-    if t.device.type != "cpu":
+    if not t.is_cpu:  # (is_cpu, not device.type: this runs for every tensor of every layer call)
         raise QuantizationError(f"{what}: tensor is on {t.device}; the CPU core needs a CPU tensor")
     if not t.is_contiguous():
         raise QuantizationError(f"{what}: tensor must be contiguous (call .contiguous() first)")

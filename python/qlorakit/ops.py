@@ -147,9 +147,11 @@ def _runs_directly(x: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | No
         return False
     if type(x) not in _PLAIN or type(codes) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
         return False
-    if x.device.type not in DEVICES or codes.device != x.device:
+    # is_cpu / is_cuda rather than device.type (DEVICES): this runs for every layer of every decoding step.
+    if not (x.is_cpu and codes.is_cpu) and not (x.is_cuda and codes.device == x.device):
         return False
-    return not any(probe() for probe in _PROBES)
+    function_mode, dispatch_stack, functorch, profiler = _PROBES
+    return not (function_mode() or dispatch_stack() or functorch() or profiler())
 
 
 # --- kernels: one function per op, registered for every device of DEVICES
@@ -174,13 +176,19 @@ def _dequantize_kernel(*args: object) -> torch.Tensor:
     return dequantize_weight(_from_args(tuple(weight), dtype), dtype)
 
 
-def _linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    from qlorakit.nn.dispatch import dense_linear, matvec_weight
+@functools.cache
+def _dispatch():  # noqa: ANN202 - the module, imported on first use (it imports the ops' callers)
+    from qlorakit.nn import dispatch
 
-    out = matvec_weight(packed, x, bias)
+    return dispatch
+
+
+def _linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    dispatch = _dispatch()
+    out = dispatch.matvec_weight(packed, x, bias)
     if out is not None:
         return out
-    return dense_linear(x, packed, bias)
+    return dispatch.dense_linear(x, packed, bias)
 
 
 @torch.library.register_kernel("qlorakit::gemv_4bit", DEVICES)

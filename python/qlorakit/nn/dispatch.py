@@ -124,40 +124,38 @@ def matvec_weight(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | No
     dequantizes and multiplies. CPU: the Rust core's ``gemv_4bit``; CUDA: the CuPy kernel. Both decode each weight
     element as dequantization does and sum in float32, so the result is dequantize-then-``F.linear`` up to the
     summation order (each row's result is the same whatever the other rows, the batch size or the thread count)."""
-    if packed.codes.device != x.device or len(packed.shape) != 2 or x.dim() == 0:
+    codes = packed.codes
+    shape = packed.shape
+    if len(shape) != 2 or x.dim() == 0 or x.shape[-1] != shape[1]:
         return None
-    in_features = packed.shape[1]
-    if x.shape[-1] != in_features:
-        return None
-    rows = x.numel() // in_features
-    if x.device.type == "cpu":
-        if not 1 <= rows <= _core.GEMV_MAX_BATCH or x.dtype not in _CORE_DTYPES or not _cpu_gemv_routed():
+    rows = x.numel() // shape[1]
+    if x.is_cpu:  # (is_cpu rather than comparing devices: this runs for every layer of every decoding step)
+        if not codes.is_cpu or not 1 <= rows <= _core.GEMV_MAX_BATCH or x.dtype not in _CORE_DTYPES:
             return None
-        out = _gemv_cpu(packed, x, bias)
-    elif x.device.type == "cuda":
+        if not _cpu_gemv_routed():
+            return None
+        return _gemv_cpu(packed, x, bias)
+    if x.is_cuda and codes.device == x.device:
         cuda_ops = _cuda_ops()
         if rows != 1 or x.dtype not in cuda_ops.KERNEL_DTYPES:
             return None
-        out = cuda_ops.gemv_4bit(packed, x, bias)
-    else:
-        return None
-    return out.reshape(*x.shape[:-1], packed.shape[0])
+        return cuda_ops.gemv_4bit(packed, x, bias).reshape(*x.shape[:-1], shape[0])
+    return None
 
 
 def _gemv_cpu(packed: PackedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x W^T (+ bias)`` as ``[rows, out_features]`` in ``x.dtype`` for ``x`` holding 1 to ``_core.GEMV_MAX_BATCH``
+    """``x W^T (+ bias)`` as ``[..., out_features]`` in ``x.dtype`` for ``x`` holding 1 to ``_core.GEMV_MAX_BATCH``
     rows, by the Rust core (multithreaded for large weights, GIL released).
 
     Double-quantized scales go in as stored and are decoded inline, per block, by the kernel: no per-call
     allocation beyond the output, and the layer's memory stays at its packed size."""
     out_features, in_features = packed.shape
-    if x.dim() != 2:
-        x = x.reshape(-1, in_features)
     if not x.is_contiguous():
         x = x.contiguous()
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
-    out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
+    # The output in its final shape ([..., out_features], like F.linear's); the core writes it as rows x out.
+    out = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
     # Every tensor a view is taken of is held by a local until the call returns (address_view's contract): the
     # weight's own tensors by `packed`, temporaries by `held`.
     weight, held = _weight_args(packed)

@@ -118,6 +118,49 @@ class Linear4bit(nn.Linear):
         the parameters are the tensors of record (FSDP2 swaps sharded and gathered ones in and out)."""
         return PackedWeight(self.weight, _as_floats(self.absmax), _as_floats(self.nested_absmax), self.layout)
 
+    def _forward_weight(self) -> PackedWeight:
+        """:meth:`packed_weight` for ``forward``, built once and reused while the layer holds the same parameter
+        objects over the same memory and the same layout (a decoding step calls every layer once, and assembling
+        the weight costs more than a small layer's kernel). Rebuilt when a parameter is replaced (``setattr``,
+        FSDP2's swaps, ``load_state_dict(assign=True)``), its ``.data`` reassigned or its storage re-allocated:
+        each changes the object or its data pointer (the cached float views hold the old storage, so a new one
+        never lands at the old address). Not for callers: it is shared between calls."""
+        params = self._parameters
+        weight, absmax = params["weight"], params["absmax"]
+        nested = params.get("nested_absmax")
+        layout = self.layout
+        if torch.compiler.is_compiling() or type(weight) is not nn.Parameter or type(absmax) is not nn.Parameter:
+            # Traced (a graph needs no cache, and dynamo cannot compare data pointers), or a tensor subclass
+            # (e.g. FSDP2's sharded DTensor): assembled as it is.
+            return self.packed_weight()
+        pointers = (weight.data_ptr(), absmax.data_ptr(), nested.data_ptr() if nested is not None else 0)
+        cached = self.__dict__.get("_forward_cache")
+        if (
+            cached is not None
+            and cached[0] is weight
+            and cached[1] is absmax
+            and cached[2] is nested
+            and cached[3] is layout
+            and cached[4] == pointers
+        ):
+            return cached[5]
+        packed = self.packed_weight()
+        if type(nested) is nn.Parameter or nested is None:
+            self.__dict__["_forward_cache"] = (weight, absmax, nested, layout, pointers, packed)
+        return packed
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        # .to() / .cuda() / .half() may reassign the parameters' .data: drop the forward's weight (its float views
+        # would hold the old storage alive until the next forward).
+        self.__dict__.pop("_forward_cache", None)
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        # Pickling and deepcopy leave the forward's weight out: it is rebuilt from the parameters on first use.
+        state = self.__dict__.copy()
+        state.pop("_forward_cache", None)
+        return state
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W ``[out_features, in_features]`` in ``dtype`` (default: the compute dtype)."""
         return dequantize_weight(self.packed_weight(), dtype or self.compute_dtype)
@@ -225,7 +268,7 @@ class Linear4bit(nn.Linear):
         bias = self.bias
         if bias is not None and bias.dtype != compute_dtype:
             bias = bias.to(compute_dtype)
-        out = ops.linear_4bit(x if x.dtype == compute_dtype else x.to(compute_dtype), self.packed_weight(), bias)
+        out = ops.linear_4bit(x if x.dtype == compute_dtype else x.to(compute_dtype), self._forward_weight(), bias)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def extra_repr(self) -> str:
