@@ -126,12 +126,12 @@ class Linear4bit(nn.Linear):
         each changes the object or its data pointer (the cached float views hold the old storage, so a new one
         never lands at the old address). Not for callers: it is shared between calls."""
         params = self._parameters
-        weight, absmax = params["weight"], params["absmax"]
+        weight, absmax = params.get("weight"), params.get("absmax")
         nested = params.get("nested_absmax")
         layout = self.layout
         if torch.compiler.is_compiling() or type(weight) is not nn.Parameter or type(absmax) is not nn.Parameter:
-            # Traced (a graph needs no cache, and dynamo cannot compare data pointers), or a tensor subclass
-            # (e.g. FSDP2's sharded DTensor): assembled as it is.
+            # Traced (a graph needs no cache, and dynamo cannot compare data pointers), a tensor subclass (e.g.
+            # FSDP2's sharded DTensor) or a parameter that is no longer a plain one: assembled as it is.
             return self.packed_weight()
         pointers = (weight.data_ptr(), absmax.data_ptr(), nested.data_ptr() if nested is not None else 0)
         cached = self.__dict__.get("_forward_cache")
