@@ -1,8 +1,9 @@
 //! Raw batch-1 kernel throughput without Python, per CPU kernel this machine has, against a
 //! plain copy of the same bytes:
-//! `cargo run --release -p qlorakit-core --example gemv_throughput [rows cols [blocksize]]`
-//! (default 2048 2048 64; `RAYON_NUM_THREADS=1` for one core; `PLAIN=1` for plain float32
-//! scales instead of double-quantized ones). Two settings: one layer called again and again
+//! `cargo run --release -p qlorakit-core --example gemv_throughput [rows cols [blocksize [batch]]]`
+//! (default 2048 2048 64 1; `RAYON_NUM_THREADS=1` for one core; `PLAIN=1` for plain float32
+//! scales instead of double-quantized ones; `batch`: input rows per call, 1 to 8, whose
+//! GB/s still count the packed bytes read once). Two settings: one layer called again and again
 //! (its bytes in cache: the kernel's compute rate) and a chain of distinct layers larger than
 //! a 32 MiB last-level cache (every byte from memory, as in decoding). NF4, bfloat16 input,
 //! rayon's pool. (The side-by-side benchmark against bitsandbytes, through Python, is
@@ -37,6 +38,11 @@ fn main() {
         .map_or(Blocksize::default(), |b| {
             Blocksize::new(b).expect("a blocksize bitsandbytes writes")
         });
+    let batch = args
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or(1)
+        .clamp(1, qlorakit_core::GEMV_MAX_BATCH);
     let mut rng = Xorshift::new();
     let bytes_per_layer = rows * cols / 2;
     let chain = CHAIN_BYTES.div_ceil(bytes_per_layer).max(2);
@@ -53,10 +59,10 @@ fn main() {
             }
         })
         .collect();
-    let x: Vec<bf16> = (0..cols)
+    let x: Vec<bf16> = (0..cols * batch)
         .map(|_| bf16::from_f32(rng.unit() - 0.5))
         .collect();
-    let mut out = vec![bf16::ZERO; rows];
+    let mut out = vec![bf16::ZERO; rows * batch];
     let shape = [rows, cols];
     let views: Vec<PackedView<'_>> = layers
         .iter()
@@ -89,7 +95,7 @@ fn main() {
     }) / chain as f64;
     let gbs = |secs: f64| stored_bytes as f64 / secs / 1e9;
     println!(
-        "{rows}x{cols}, {} threads, chain of {chain} ({} MiB)",
+        "{rows}x{cols}, {batch} input row(s), {} threads, chain of {chain} ({} MiB)",
         qlorakit_core::parallel::current_num_threads(),
         (chain * stored_bytes) >> 20
     );

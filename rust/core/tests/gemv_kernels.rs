@@ -123,8 +123,10 @@ fn supported_kernels() -> Vec<GemvKernel> {
 }
 
 /// Shapes for the batch tests: odd columns (rows starting on a low nibble), partial
-/// groups, blocks straddling rows, and rows of whole chunks of 64 (the BF16 kernel's).
-const SHAPES: [(usize, usize, usize); 9] = [
+/// groups, blocks straddling rows, and rows of whole chunks of 64 (the BF16 kernel's; the
+/// last one long enough that the AVX512-BF16 kernel splits 7 and 8 input rows into two
+/// groups, over a tile of 16 weight rows and a partial one).
+const SHAPES: [(usize, usize, usize); 10] = [
     (3, 5, 32),
     (5, 33, 64),
     (4, 100, 64),
@@ -134,6 +136,7 @@ const SHAPES: [(usize, usize, usize); 9] = [
     (3, 256, 256),
     (5, 64, 4096),
     (17, 1024, 64),
+    (19, 2560, 64),
 ];
 
 fn check_batches<T: Element>(salt: u64) {
