@@ -12,11 +12,11 @@
 use std::arch::x86_64::*;
 
 use super::input::BF16_CHUNK;
-use super::{sum_128, Weight, XRows, GEMV_ACCUMULATORS, GEMV_MAX_BATCH, TILE_ROWS};
+use super::{sum_128, Weight, XRows, GEMV_ACCUMULATORS};
 
 /// [`row_sums_for`] for `sums.len()` (1 to [`super::GEMV_MAX_BATCH`]) input rows: every
-/// weight chunk is decoded once for all of them (up to 32 accumulators; LLVM keeps what
-/// fits in registers).
+/// weight chunk is decoded once for all of them (4 accumulators per row; callers hand it
+/// the groups of [`group_split`], at most [`SPLIT_ABOVE`] rows).
 ///
 /// # Safety
 /// As [`row_sums_for`].
@@ -41,44 +41,24 @@ pub(super) unsafe fn row_sums(
     }
 }
 
-/// Input rows above which [`tile_sums`] splits a call's rows into two groups.
+/// Input rows above which a call's rows go in two groups ([`group_split`]).
 const SPLIT_ABOVE: usize = 6;
 
-/// [`row_sums`] for each weight row of `rows` (1 to [`TILE_ROWS`]) into `sums[r]`, bit for
-/// bit (each input row's sums do not depend on the others). Up to [`SPLIT_ABOVE`] input
-/// rows go through each weight row in one pass. More go in two groups, each through all
-/// the tile's weight rows before the next (each weight chunk is then decoded twice): one
-/// pass over them all needs more accumulators than there are registers (4 per row, 32
-/// registers), and for long rows their x is more than an L1 cache holds (8 rows of 4096
-/// columns: 64 KiB, read again for every weight row), while a group's x stays in L1 across
-/// the tile. On a 2-core AMD EPYC (Zen 5), `examples/gemv_throughput`, 2 threads, the same
-/// run: 8 rows of 1024x1024 / 2048x2048 / 4096x4096 75-81 / 248 / 990-1045 us, one pass
-/// 101-105 / 325-349 / 1400-1430 us; 7 rows 10-25% less; 4096x11008 and 11008x4096 19-29%
-/// less.
-///
-/// # Safety
-/// As [`row_sums_for`], for every row of `rows`; `xs` holds `batch` rows.
-pub(super) unsafe fn tile_sums(
-    weight: &Weight<'_>,
-    rows: std::ops::Range<usize>,
-    xs: XRows<'_, u16>,
-    batch: usize,
-    sums: &mut [[f32; GEMV_MAX_BATCH]; TILE_ROWS],
-) {
-    let split = if batch > SPLIT_ABOVE {
+/// Where a call of `batch` input rows splits into two groups, each walked through a whole
+/// tile of weight rows before the next (`Weight::tile_sums`; `batch`: no split). Up to
+/// [`SPLIT_ABOVE`] rows go through each weight row in one pass. More split (each weight
+/// chunk is then decoded twice): one pass over them all needs more accumulators than there
+/// are registers (4 per row, 32 registers), and for long rows their x is more than an L1
+/// cache holds (8 rows of 4096 columns: 64 KiB, read again for every weight row), while a
+/// group's x stays in L1 across the tile. On a 2-core AMD EPYC (Zen 5),
+/// `examples/gemv_throughput`, 2 threads, the same run: 8 rows of 1024x1024 / 2048x2048 /
+/// 4096x4096 75-81 / 248 / 990-1045 us, one pass 101-105 / 325-349 / 1400-1430 us; 7 rows
+/// 10-25% less; 4096x11008 and 11008x4096 19-29% less.
+pub(super) fn group_split(batch: usize) -> usize {
+    if batch > SPLIT_ABOVE {
         batch / 2
     } else {
         batch
-    };
-    for group in [0..split, split..batch] {
-        if group.is_empty() {
-            continue;
-        }
-        let x = xs.rows_from(group.start);
-        for (row, sums) in rows.clone().zip(sums.iter_mut()) {
-            // SAFETY: forwarded.
-            unsafe { row_sums(weight, row, x, &mut sums[group.clone()]) };
-        }
     }
 }
 

@@ -94,6 +94,24 @@ pub(super) enum Prepared<'a> {
     Bf16Words(&'a [f32]),
 }
 
+impl<'a> Prepared<'a> {
+    /// The prepared input rows (of `cols` elements each) from row `first` on.
+    #[inline]
+    pub(super) fn rows_from(self, first: usize, cols: usize) -> Prepared<'a> {
+        let at = first * cols;
+        match self {
+            Prepared::Float32 { x, kernel } => Prepared::Float32 {
+                x: &x[at..],
+                kernel,
+            },
+            #[cfg(target_arch = "x86_64")]
+            Prepared::Bf16Pairs(x) => Prepared::Bf16Pairs(&x[at..]),
+            #[cfg(target_arch = "x86_64")]
+            Prepared::Bf16Words(x) => Prepared::Bf16Words(&x[at..]),
+        }
+    }
+}
+
 thread_local! {
     static FLOATS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     static HALVES: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };

@@ -103,9 +103,8 @@ pub const GEMV_MAX_BATCH: usize = 8;
 /// codes from L1. The two bf16 kernels carry all of a batch in one call.
 const KERNEL_BATCH: usize = 4;
 
-/// Weight rows a task hands a kernel at once: the AVX512-BF16 kernel walks them with each
-/// group of a large batch in turn (`avx512_bf16::tile_sums`; 16 rows measured faster than
-/// 4 there), the others one row after another.
+/// Weight rows a task hands [`Weight::tile_sums`] at once: a batch the AVX512-BF16 kernel
+/// splits into two groups walks them group by group (16 rows measured faster than 4).
 const TILE_ROWS: usize = 16;
 
 /// A row's partial sums: lane `l` of accumulator `a`.
@@ -350,7 +349,10 @@ impl Weight<'_> {
     }
 
     /// [`Weight::row_sums`] of each weight row of `rows` (at most [`TILE_ROWS`]) into
-    /// `sums[r]`: the same bits whichever way a kernel walks the tile.
+    /// `sums[r]`, the `batch` input rows in the groups the kernel takes
+    /// (`avx512_bf16::group_split`; one group for the others), each group through all the
+    /// tile's rows before the next. The same bits in any grouping: each input row's sums do
+    /// not depend on the others.
     #[inline]
     fn tile_sums<T: Element>(
         &self,
@@ -359,40 +361,42 @@ impl Weight<'_> {
         batch: usize,
         sums: &mut [[f32; GEMV_MAX_BATCH]; TILE_ROWS],
     ) {
-        #[cfg(target_arch = "x86_64")]
-        if let Prepared::Bf16Pairs(x) = x {
-            // SAFETY: as in `row_sums`, for every row of the tile.
-            return unsafe { avx512_bf16::tile_sums(self, rows, self.whole_rows(x), batch, sums) };
-        }
-        for (row, sums) in rows.zip(sums.iter_mut()) {
-            self.row_sums::<T>(x, row, batch, sums);
+        let split = match x {
+            #[cfg(target_arch = "x86_64")]
+            Prepared::Bf16Pairs(_) => avx512_bf16::group_split(batch),
+            _ => batch,
+        };
+        for group in [0..split, split..batch] {
+            if group.is_empty() {
+                continue;
+            }
+            let x = x.rows_from(group.start, self.cols);
+            for (row, sums) in rows.clone().zip(sums.iter_mut()) {
+                self.row_sums::<T>(x, row, &mut sums[group.clone()]);
+            }
         }
     }
 
-    /// The sums (before the bias) of weight row `row` with each of the `batch` input rows.
+    /// The sums (before the bias) of weight row `row` with each of the `sums.len()` input
+    /// rows of `x`.
     #[inline]
-    fn row_sums<T: Element>(
-        &self,
-        x: Prepared<'_>,
-        row: usize,
-        batch: usize,
-        sums: &mut [f32; GEMV_MAX_BATCH],
-    ) {
+    fn row_sums<T: Element>(&self, x: Prepared<'_>, row: usize, sums: &mut [f32]) {
         match x {
             // The bf16 kernels carry every input row in one call (each decodes a chunk once
             // for all of them).
             // SAFETY (both): their plans are only prepared after checking the CPU's support
-            // and the layout (see `Plan::choose`); each of the `batch` rows of `x` is one
-            // arranged row of `cols` elements.
+            // and the layout (see `Plan::choose`); each of the `sums.len()` rows of `x` is
+            // one arranged row of `cols` elements.
             #[cfg(target_arch = "x86_64")]
             Prepared::Bf16Pairs(x) => unsafe {
-                avx512_bf16::row_sums(self, row, self.whole_rows(x), &mut sums[..batch])
+                avx512_bf16::row_sums(self, row, self.whole_rows(x), sums)
             },
             #[cfg(target_arch = "x86_64")]
             Prepared::Bf16Words(x) => unsafe {
-                avx2_bf16::row_sums(self, row, self.whole_rows(x), &mut sums[..batch])
+                avx2_bf16::row_sums(self, row, self.whole_rows(x), sums)
             },
             Prepared::Float32 { x, kernel } => {
+                let batch = sums.len();
                 for b0 in (0..batch).step_by(KERNEL_BATCH) {
                     let n = (batch - b0).min(KERNEL_BATCH);
                     let lanes = self.lane_row::<T>(kernel, row, &x[b0 * self.cols..], n);
@@ -483,16 +487,6 @@ impl<'a, E> XRows<'a, E> {
     #[inline(always)]
     fn row(&self, b: usize) -> &'a [E] {
         &self.x[b * self.stride + self.skip..(b + 1) * self.stride]
-    }
-
-    /// The rows from row `first` on.
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    fn rows_from(&self, first: usize) -> XRows<'a, E> {
-        XRows {
-            x: &self.x[first * self.stride..],
-            ..*self
-        }
     }
 }
 
